@@ -1,0 +1,154 @@
+"""What every sharpness-aware optimizer shares: wrapping a base optimizer, restoring the clean
+weights, the guarded base step, and checkpoints. The ascent itself lives in ``sam.py``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from samkit.optim import _functional as F
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+class SharpnessAwareOptimizer(Optimizer):
+    """Base class: a perturb / restore / base-step cycle around a wrapped ``torch.optim`` optimizer.
+
+    ``param_groups`` and ``state`` ARE the base optimizer's (not copies), so an LR scheduler attached
+    to either object works and ``state_dict()`` carries momentum / Adam moments. The clean weights
+    saved during a perturbation live in private buffers, never in ``state``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[Optimizer] | Optimizer,
+        defaults: dict[str, Any],
+        foreach: bool | None,
+        base_kwargs: dict[str, Any],
+    ) -> None:
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"keyword arguments {sorted(base_kwargs)} are for building the base optimizer; "
+                    "pass an optimizer class, or drop them when passing an optimizer instance"
+                )
+            own = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            given = {id(p) for g in _as_groups(params) for p in g["params"]}
+            if own != given:
+                raise ValueError("params must be the same parameters the base optimizer holds")
+            super().__init__(base_optimizer.param_groups, defaults)  # adds our keys in place
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            super().__init__(params, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+                f"or an optimizer instance, got {base_optimizer!r}"
+            )
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.foreach = foreach
+        self.skipped_steps = 0
+        self.last_grad_norm: Tensor | None = None
+        self._backup: dict[Tensor, Tensor] = {}
+        self._perturbed: list[tuple[dict[str, Any], list[Tensor]]] = []
+        self._failed_pass: str | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "base_optimizer"):  # during __init__
+            return super().add_param_group(param_group)
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self.base_optimizer.add_param_group(param_group)
+
+    def _foreach(self, tensors: list[Tensor]) -> bool:
+        use = True if self.foreach is None else self.foreach
+        return use and not any(t.is_sparse for t in tensors)
+
+    @property
+    def failed_pass(self) -> str | None:
+        """Which pass of the current step had a non-finite gradient (None: none so far)."""
+        return self._failed_pass
+
+    def fail_step(self, reason: str) -> None:
+        """Mark the current step as failed, e.g. because another data-parallel replica's did."""
+        self.unperturb()
+        self._failed_pass = self._failed_pass or reason
+
+    def _save_clean(self, params: list[Tensor], foreach: bool) -> None:
+        for p in params:
+            if p not in self._backup or self._backup[p].shape != p.shape:
+                self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        F.copy_([self._backup[p] for p in params], params, foreach=foreach)
+
+    @torch.no_grad()
+    def unperturb(self) -> None:
+        """Restore, in place, exactly the tensors that were perturbed (no-op when none)."""
+        params = [p for _, ps in self._perturbed for p in ps]
+        if params:
+            F.copy_(params, [self._backup[p] for p in params], foreach=self._foreach(params))
+        self._perturbed = []
+
+    def grad_norm(self) -> Tensor:
+        """Global L2 norm (float32 at least) of the current gradients of all parameters."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return F.global_norm(grads, foreach=self._foreach(grads))
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, max_grad_norm: float | None = None) -> bool:
+        """Restore ``w`` and apply the base optimizer with the current (second-pass) gradient.
+
+        ``max_grad_norm`` clips that gradient by its global norm first. Returns False, with a
+        warning and ``skipped_steps += 1``, when a non-finite gradient in any pass skipped the step.
+        """
+        self.unperturb()
+        grad_norm = self.grad_norm()
+        self.last_grad_norm = grad_norm
+        failed = self._failed_pass or (None if torch.isfinite(grad_norm) else "second")
+        self._failed_pass = None
+        if failed:
+            self.skipped_steps += 1
+            warnings.warn(
+                f"{type(self).__name__}: non-finite gradient in the {failed} pass; step skipped, "
+                f"weights and optimizer state unchanged ({self.skipped_steps} skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            if max_grad_norm is not None and grad_norm.item() > max_grad_norm:
+                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                coef = max_grad_norm / (grad_norm.item() + 1e-6)
+                F.scale_(grads, coef, foreach=self._foreach(grads))
+            self.base_optimizer.step()
+            self._opt_called = True  # tells an LR scheduler attached to this object a step ran
+        if zero_grad:
+            self.zero_grad()
+        return not failed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict, plus samkit's counters under ``"samkit"``."""
+        state = self.base_optimizer.state_dict()
+        state["samkit"] = {"skipped_steps": self.skipped_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("samkit", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+
+def _as_groups(params: ParamsT) -> list[dict[str, Any]]:
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        return [dict(g, params=list(g["params"])) for g in items]
+    return [{"params": items}]

@@ -1,0 +1,177 @@
+"""SAM: Sharpness-Aware Minimization (Foret et al., ICLR 2021), with ASAM (Kwon et al., ICML 2021).
+
+SAM minimises ``max_{||e||_p <= rho} L(w + e)``. One step, with base optimizer ``O``:
+
+    g      = grad L(w)                                     first pass
+    e      = rho * g / (||g||_2 + eps)                      p = 2 (default; norm over ALL params)
+    e      = rho * sign(g)                                  p = inf
+    e      = rho * T^2 g / (||T g||_2 + eps), T = |w| + eta  adaptive (ASAM), T^2 -> T for p = inf
+    g_sam  = grad L(w + e)                                  second pass
+    w      = O(w, g_sam)                                    weights restored to w first
+
+With ``ascent_steps = k > 1`` the inner maximisation is k steps of projected gradient ascent on the
+rho-ball (paper App. C.6). In the scaled coordinates ``y = e / (rho T)`` the ball is the unit ball:
+``y <- Proj(y + dir(T g))`` with ``dir`` the normalised (p = 2) or sign (p = inf) ascent direction;
+the first step from ``y = 0`` is the ordinary SAM step above.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from samkit.optim import _functional as F
+from samkit.optim._base import ParamsT, SharpnessAwareOptimizer
+
+
+class SAM(SharpnessAwareOptimizer):
+    """Wrap any ``torch.optim`` optimizer with a sharpness-aware ascent step.
+
+    ``base_optimizer`` is an optimizer class (built here on the same param groups with
+    ``base_kwargs``) or an optimizer instance over the same parameters; its ``param_groups`` and
+    ``state`` are shared (see ``SharpnessAwareOptimizer``). ``rho`` and ``adaptive`` may differ per
+    param group. Usage, as in davda54/sam::
+
+        loss_fn(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)   # w -> w + e
+        loss_fn(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)  # back to w, base step with grad L(w + e)
+
+    Non-finite gradients in either pass skip the whole step (weights and optimizer state untouched):
+    ``second_step`` returns False, ``skipped_steps`` counts it and a ``RuntimeWarning`` is issued.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        *,
+        norm: float = 2.0,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.01,
+        eps: float = 1e-12,
+        foreach: bool | None = None,
+        ascent_steps: int = 1,
+        **base_kwargs: Any,
+    ) -> None:
+        if not (math.isfinite(rho) and rho >= 0.0):
+            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+        if float(norm) not in (2.0, math.inf):
+            raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
+        if not adaptive_eta >= 0.0:
+            raise ValueError(f"adaptive_eta must be >= 0, got {adaptive_eta!r}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
+            raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
+        self.norm, self.eps, self.ascent_steps = float(norm), eps, ascent_steps
+        defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta)
+        super().__init__(params, base_optimizer, defaults, foreach, base_kwargs)
+        self._ascent_y: list[list[Tensor]] = []
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite."""
+        self._perturbed = [
+            (g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups
+        ]
+        ok = self._ascend(first=True, rho_factor=self._rho_factor())
+        if zero_grad:
+            self.zero_grad()
+        return ok
+
+    @torch.no_grad()
+    def ascent_step(self, zero_grad: bool = False) -> bool:
+        """One more projected ascent step from the gradients at the current ``w + e``."""
+        if not self._ascent_y:
+            raise RuntimeError("ascent_step() needs first_step() first, with ascent_steps > 1")
+        ok = self._ascend(first=False, rho_factor=self._rho_factor())
+        if zero_grad:
+            self.zero_grad()
+        return ok
+
+    def _rho_factor(self) -> float:
+        return 1.0  # ESAM rescales its stochastic perturbation by 1/beta
+
+    def _ascend(self, first: bool, rho_factor: float) -> bool:
+        groups = [(g, ps) for g, ps in self._perturbed if ps]
+        all_params = [p for _, ps in groups for p in ps]
+        fe = self._foreach(all_params)
+        scalings, directions = [], []  # per group: T (or None) and T g (or g)
+        for group, params in groups:
+            clean = params if first else [self._backup[p] for p in params]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            t = F.abs_plus(clean, group["adaptive_eta"], foreach=fe) if group["adaptive"] else None
+            scalings.append(t)
+            directions.append(grads if t is None else F.mul(t, grads, foreach=fe))
+        grad_norm = F.global_norm([u for us in directions for u in us], foreach=fe)
+        if not torch.isfinite(grad_norm):
+            self._failed_pass = self._failed_pass or ("first" if first else "ascent")
+            if first:
+                self._perturbed = []  # nothing has moved yet; the backups are stale
+            else:
+                self.unperturb()
+            return False
+        if self.norm == 2.0:  # y = coef * base, materialised only when kept for more steps
+            coef, base = 1.0 / (grad_norm.item() + self.eps), directions
+        else:
+            coef, base = 1.0, [F.sign(us, foreach=fe) for us in directions]
+        if first:
+            self._save_clean(all_params, fe)
+            if self.ascent_steps > 1:
+                coef, base = 1.0, [F.scaled(us, coef, foreach=fe) for us in base]
+        else:  # projected ascent in the scaled coordinates, back onto the unit ball
+            for y, us in zip(self._ascent_y, base):
+                F.add_(y, us, alpha=coef, foreach=fe)
+            coef, base = 1.0, self._ascent_y
+            flat = [y for ys in base for y in ys]
+            if self.norm == 2.0:
+                y_norm = F.global_norm(flat, foreach=fe).item()
+                if y_norm > 1.0:
+                    F.scale_(flat, 1.0 / y_norm, foreach=fe)
+            else:
+                for y in flat:
+                    y.clamp_(-1.0, 1.0)
+            F.copy_(all_params, [self._backup[p] for p in all_params], foreach=fe)
+        for (group, params), t, us in zip(groups, scalings, base):
+            rho = group["rho"] * rho_factor * coef
+            if t is None:
+                F.add_(params, us, alpha=rho, foreach=fe)
+            else:  # e = rho T y: for p = 2 that is rho T^2 g / ||T g||
+                F.addcmul_(params, t, us, value=rho, foreach=fe)
+        self._ascent_y = base if self.ascent_steps > 1 else []
+        return True
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """Both passes. ``closure`` zeroes the grads, runs forward and backward, returns the loss.
+
+        Returns the first-pass loss.
+        """
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs the "
+                "forward and backward pass and returns the loss, e.g. opt.step(closure); or call "
+                "opt.first_step() and opt.second_step() around your own two passes"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        if self.first_step():
+            for _ in range(self.ascent_steps - 1):
+                closure()
+                if not self.ascent_step():
+                    break
+            if self._failed_pass is None:
+                closure()
+        self.second_step()
+        return loss
+
+    @torch.no_grad()
+    def unperturb(self) -> None:
+        super().unperturb()
+        self._ascent_y = []

@@ -1,0 +1,305 @@
+"""One sharpness-aware training step with the details every hand-written SAM loop gets wrong.
+
+``SharpnessAwareStep(model, optimizer, loss_fn)(inputs, targets)`` runs, for SAM and ESAM:
+
+* BatchNorm running statistics updated by the first pass only (the official behaviour;
+  ``bn_stats="second"`` or ``"both"`` change it): the other passes normalise with batch statistics
+  but do not touch the running buffers.
+* The same random draws (dropout, stochastic depth, shake-shake) in every pass: the RNG state
+  before the first forward is replayed before each later forward.
+* AMP: ``amp="bf16"`` autocasts; ``amp="fp16"`` also scales the loss with ``torch.amp.GradScaler``.
+  First-pass gradients are unscaled before the perturbation norm (computed in float32); the scaler's
+  single ``unscale_`` per update is used on the SAM gradient; an overflow in either pass skips the
+  step and backs the scale off.
+* m-sharpness (``m``): the batch is split into chunks of ``m`` samples; each chunk gets its own
+  perturbation and second-pass gradient, and the base step uses their average (SAM paper Sec. 4.1).
+* Gradient accumulation (``accumulation_steps``) and clipping (``max_grad_norm``) act on the SAM
+  gradient, i.e. on the second-pass gradients; perturbations stay per micro-batch.
+* DDP / FSDP: the whole first pass (forward included) runs under ``model.no_sync()``; only the last
+  second-pass backward of an optimizer step all-reduces. A skip decided on one replica is taken by all.
+
+Any other optimizer gets one plain pass with the same AMP, accumulation and clipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from samkit.optim import ESAM, SAM
+from samkit.optim import _functional as F
+
+BN_STATS = ("first", "second", "both")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepOutput:
+    """What one call did. ``took_step`` is None while gradients are still being accumulated."""
+
+    loss: Tensor  # mean first-pass loss of the micro-batch, detached
+    outputs: Tensor  # first-pass model outputs, detached (for the train error rate)
+    took_step: bool | None
+    grad_norm: Tensor | None  # global norm of the (SAM) gradient before clipping
+
+
+class SharpnessAwareStep:
+    """Callable training step: ``step(inputs, targets) -> StepOutput``.
+
+    ``loss_fn(outputs, targets)`` returns per-sample losses (``reduction="none"``; required for
+    ESAM's data selection) or their mean.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        *,
+        m: int | None = None,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        amp: str = "none",
+        bn_stats: str = "first",
+        replay_rng: bool = True,
+    ) -> None:
+        if m is not None and (not isinstance(m, int) or m < 1):
+            raise ValueError(f"m (m-sharpness chunk size) must be a positive integer, got {m!r}")
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.m, self.accumulation_steps, self.max_grad_norm = m, accumulation_steps, max_grad_norm
+        self.bn_stats, self.replay_rng = bn_stats, replay_rng
+        self.device = next(model.parameters()).device
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.skipped_plain_steps = 0
+        self._micro = 0
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    @property
+    def skipped_steps(self) -> int:
+        if isinstance(self.optimizer, SAM):
+            return self.optimizer.skipped_steps
+        return self.skipped_plain_steps
+
+    def __call__(self, inputs: Tensor, targets: Tensor) -> StepOutput:
+        batch = inputs.shape[0]
+        is_sam = isinstance(self.optimizer, SAM)
+        size = self.m if (is_sam and self.m) else batch
+        starts = range(0, batch, size)
+        last_micro = (self._micro + 1) % self.accumulation_steps == 0
+        outputs, losses = [], []
+        for i, start in enumerate(starts):
+            x, y = inputs[start : start + size], targets[start : start + size]
+            weight = x.shape[0] / batch / self.accumulation_steps
+            sync = last_micro and i == len(starts) - 1
+            chunk = self._sam_chunk if is_sam else self._plain_chunk
+            out, loss = chunk(x, y, weight, sync)
+            outputs.append(out)
+            losses.append(loss * x.shape[0] / batch)
+        self._micro += 1
+        output = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        loss = torch.stack(losses).sum()
+        if not last_micro:
+            return StepOutput(loss, output, None, None)
+        took_step, grad_norm = self._apply_sam() if is_sam else self._apply_plain()
+        return StepOutput(loss, output, took_step, grad_norm)
+
+    # -- the passes ---------------------------------------------------------------------------
+
+    def _sam_chunk(self, x: Tensor, y: Tensor, weight: float, sync: bool) -> tuple[Tensor, Tensor]:
+        opt = self.optimizer
+        esam = isinstance(opt, ESAM)
+        accumulated = self._take_grads()  # the SAM-gradient sum so far, kept out of the first pass
+        rng = self._rng_state()
+        with opt.swp() if esam else contextlib.nullcontext(), self._pass("first", None):
+            out = self.model(x)
+            per_sample = self.loss_fn(out, y)
+            loss = per_sample.mean()
+            if loss.requires_grad:  # False only when ESAM's SWP dropped every tensor
+                self._backward(loss)
+        self._unscale_first_pass()
+        ok = opt.first_step()
+        for _ in range(opt.ascent_steps - 1):
+            if not ok:
+                break
+            opt.zero_grad(set_to_none=True)
+            with self._pass("ascent", rng):
+                self._backward(_mean(self.loss_fn(self.model(x), y)))
+            self._unscale_first_pass()
+            ok = opt.ascent_step()
+        index = None
+        if esam:
+            perturbed = None
+            if ok and opt.needs_perturbed_losses:
+                with torch.no_grad(), self._pass("ascent", rng):
+                    perturbed = self.loss_fn(self.model(x), y)
+            index = opt.sds_select(per_sample.detach(), perturbed)
+        self._put_grads(accumulated)
+        if index is not None:
+            x, y = x[index], y[index]
+        # Run even after a non-finite first pass: DDP replicas must all reach the all-reduce.
+        with self._pass("second", rng, sync=sync):
+            self._backward(_mean(self.loss_fn(self.model(x), y)) * weight)
+        opt.unperturb()
+        return out.detach(), loss.detach()
+
+    def _plain_chunk(self, x: Tensor, y: Tensor, weight: float, sync: bool) -> tuple[Tensor, Tensor]:
+        with self._pass("plain", None, sync=sync):
+            out = self.model(x)
+            loss = _mean(self.loss_fn(out, y))
+            self._backward(loss * weight)
+        return out.detach(), loss.detach()
+
+    @contextlib.contextmanager
+    def _pass(self, kind: str, rng: list[Tensor] | None, sync: bool = False) -> Iterator[None]:
+        """DDP no_sync unless ``sync``, RNG replay, BatchNorm statistics policy, autocast."""
+        if rng is not None and self.replay_rng:
+            self._set_rng_state(rng)
+        freeze_bn = kind != "plain" and (
+            (self.bn_stats == "first" and kind != "first") or (self.bn_stats == "second" and kind != "second")
+        )
+        no_sync = getattr(self.model, "no_sync", None)
+        bns = _batchnorms(self.model) if freeze_bn else []
+        for bn in bns:  # batch statistics, running buffers untouched (see _BatchNorm.forward)
+            bn.track_running_stats = False
+        try:
+            with (no_sync() if (no_sync and not sync) else contextlib.nullcontext()):
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    yield
+        finally:
+            for bn in bns:
+                bn.track_running_stats = True
+
+    def _backward(self, loss: Tensor) -> None:
+        # autocast covers the forward only; backward ops run in the forward's dtypes anyway
+        with torch.autocast(self.device.type, enabled=False):
+            (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+
+    # -- applying the step --------------------------------------------------------------------
+
+    def _apply_sam(self) -> tuple[bool, Tensor | None]:
+        opt, scaler = self.optimizer, self.grad_scaler
+        self._agree_on_skip()
+        first_pass_failed = opt.failed_pass is not None
+        if scaler is not None and not first_pass_failed:
+            scaler.unscale_(opt.base_optimizer)  # the one unscale_ of this update: the SAM gradient
+        took = opt.second_step(zero_grad=True, max_grad_norm=self.max_grad_norm)
+        if scaler is not None:
+            if first_pass_failed:  # the scaler never saw that overflow: back off by hand
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            else:
+                scaler.update()
+        return took, opt.last_grad_norm
+
+    def _apply_plain(self) -> tuple[bool, Tensor | None]:
+        opt, scaler = self.optimizer, self.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(opt)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        grad_norm = F.global_norm(grads, foreach=True)
+        finite = bool(torch.isfinite(grad_norm).item())
+        if self._distributed():
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = flag.item() == 0.0
+        if finite:
+            if self.max_grad_norm is not None and grad_norm.item() > self.max_grad_norm:
+                F.scale_(grads, self.max_grad_norm / (grad_norm.item() + 1e-6), foreach=True)
+            opt.step()
+        else:
+            self.skipped_plain_steps += 1
+            warnings.warn(
+                f"non-finite gradient; step skipped ({self.skipped_plain_steps} so far)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if scaler is not None:
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return finite, grad_norm
+
+    def _agree_on_skip(self) -> None:
+        """Under DDP a first pass that failed on any replica fails on all (weights stay equal)."""
+        opt = self.optimizer
+        if not self._distributed():
+            return
+        flag = torch.tensor([0.0 if opt.failed_pass is None else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0.0:
+            opt.fail_step("first (on another replica)")
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and hasattr(self.model, "no_sync")
+
+    # -- gradients and RNG --------------------------------------------------------------------
+
+    def _take_grads(self) -> list[Tensor | None]:
+        grads = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        return grads
+
+    def _put_grads(self, grads: list[Tensor | None]) -> None:
+        for p, g in zip(self._params, grads):
+            p.grad = g  # the second backward accumulates into the running sum
+
+    def _unscale_first_pass(self) -> None:
+        if self.grad_scaler is None:
+            return
+        grads = [p.grad for p in self._params if p.grad is not None]
+        F.scale_(grads, 1.0 / self.grad_scaler.get_scale(), foreach=True)
+
+    def _rng_state(self) -> list[Tensor]:
+        if not self.replay_rng:
+            return []
+        states = [torch.get_rng_state()]
+        if self.device.type != "cpu":
+            states.append(torch.get_device_module(self.device).get_rng_state(self.device))
+        return states
+
+    def _set_rng_state(self, states: list[Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if len(states) > 1:
+            torch.get_device_module(self.device).set_rng_state(states[1], self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step's own state (micro-batch counter, GradScaler); save it with the optimizer's."""
+        state: dict[str, Any] = {"micro": self._micro}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._micro = int(state.get("micro", 0))
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def _mean(losses: Tensor) -> Tensor:
+    return losses.mean() if losses.ndim else losses
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
