@@ -123,7 +123,9 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         else:
             if max_grad_norm is not None and grad_norm.item() > max_grad_norm:
-                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                grads = [
+                    p.grad for g in self.param_groups for p in g["params"] if p.grad is not None
+                ]
                 coef = max_grad_norm / (grad_norm.item() + 1e-6)
                 F.scale_(grads, coef, foreach=self._foreach(grads))
             self.base_optimizer.step()

@@ -103,7 +103,9 @@ class ESAM(SAM):
         """``ceil(gamma * B)``: how many samples the second pass keeps (rounding noise removed)."""
         return max(1, min(batch_size, math.ceil(round(self.gamma * batch_size, 6))))
 
-    def sds_select(self, clean_losses: Tensor, perturbed_losses: Tensor | None = None) -> Tensor | None:
+    def sds_select(
+        self, clean_losses: Tensor, perturbed_losses: Tensor | None = None
+    ) -> Tensor | None:
         """Indices (sorted) of the ``ceil(gamma * B)`` most sharpness-sensitive samples.
 
         ``None`` means the whole batch (``gamma = 1``).

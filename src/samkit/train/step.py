@@ -3,8 +3,8 @@
 ``SharpnessAwareStep(model, optimizer, loss_fn)(inputs, targets)`` runs, for SAM and ESAM:
 
 * BatchNorm running statistics updated by the first pass only (the official behaviour;
-  ``bn_stats="second"`` or ``"both"`` change it): the other passes normalise with batch statistics
-  but do not touch the running buffers.
+  ``bn_stats="second"`` or ``"both"`` change it): the other passes, and always the extra ascent
+  passes and ESAM's selection forward, normalise with batch statistics but leave the buffers alone.
 * The same random draws (dropout, stochastic depth, shake-shake) in every pass: the RNG state
   before the first forward is replayed before each later forward.
 * AMP: ``amp="bf16"`` autocasts; ``amp="fp16"`` also scales the loss with ``torch.amp.GradScaler``.
@@ -71,10 +71,18 @@ class SharpnessAwareStep:
         bn_stats: str = "first",
         replay_rng: bool = True,
     ) -> None:
-        if m is not None and (not isinstance(m, int) or m < 1):
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"m (m-sharpness chunk size) must be a positive integer, got {m!r}")
-        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+        if m is not None and not isinstance(optimizer, SAM):
+            raise ValueError("m (m-sharpness) needs a sharpness-aware optimizer (SAM, ESAM)")
+        if (
+            isinstance(accumulation_steps, bool)
+            or not isinstance(accumulation_steps, int)
+            or accumulation_steps < 1
+        ):
+            raise ValueError(
+                f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}"
+            )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         if amp not in AMP_DTYPES:
@@ -130,6 +138,11 @@ class SharpnessAwareStep:
         with opt.swp() if esam else contextlib.nullcontext(), self._pass("first", None):
             out = self.model(x)
             per_sample = self.loss_fn(out, y)
+            if esam and per_sample.ndim != 1 and opt.gamma < 1.0:
+                raise ValueError(
+                    "ESAM's data selection needs per-sample losses: make loss_fn return shape [B] "
+                    f"(reduction='none'), got shape {tuple(per_sample.shape)}"
+                )
             loss = per_sample.mean()
             if loss.requires_grad:  # False only when ESAM's SWP dropped every tensor
                 self._backward(loss)
@@ -154,12 +167,16 @@ class SharpnessAwareStep:
         if index is not None:
             x, y = x[index], y[index]
         # Run even after a non-finite first pass: DDP replicas must all reach the all-reduce.
-        with self._pass("second", rng, sync=sync):
-            self._backward(_mean(self.loss_fn(self.model(x), y)) * weight)
-        opt.unperturb()
+        try:
+            with self._pass("second", rng, sync=sync):
+                self._backward(_mean(self.loss_fn(self.model(x), y)) * weight)
+        finally:  # an exception here (e.g. out of memory) must not leave the model at w + e
+            opt.unperturb()
         return out.detach(), loss.detach()
 
-    def _plain_chunk(self, x: Tensor, y: Tensor, weight: float, sync: bool) -> tuple[Tensor, Tensor]:
+    def _plain_chunk(
+        self, x: Tensor, y: Tensor, weight: float, sync: bool
+    ) -> tuple[Tensor, Tensor]:
         with self._pass("plain", None, sync=sync):
             out = self.model(x)
             loss = _mean(self.loss_fn(out, y))
@@ -171,15 +188,16 @@ class SharpnessAwareStep:
         """DDP no_sync unless ``sync``, RNG replay, BatchNorm statistics policy, autocast."""
         if rng is not None and self.replay_rng:
             self._set_rng_state(rng)
-        freeze_bn = kind != "plain" and (
-            (self.bn_stats == "first" and kind != "first") or (self.bn_stats == "second" and kind != "second")
+        freeze_bn = kind == "ascent" or (kind, self.bn_stats) in (
+            ("second", "first"),
+            ("first", "second"),
         )
         no_sync = getattr(self.model, "no_sync", None)
         bns = _batchnorms(self.model) if freeze_bn else []
         for bn in bns:  # batch statistics, running buffers untouched (see _BatchNorm.forward)
             bn.track_running_stats = False
         try:
-            with (no_sync() if (no_sync and not sync) else contextlib.nullcontext()):
+            with no_sync() if (no_sync and not sync) else contextlib.nullcontext():
                 with torch.autocast(
                     self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
                 ):
@@ -199,14 +217,18 @@ class SharpnessAwareStep:
         opt, scaler = self.optimizer, self.grad_scaler
         self._agree_on_skip()
         first_pass_failed = opt.failed_pass is not None
-        if scaler is not None and not first_pass_failed:
+        if scaler is not None:
+            if first_pass_failed:
+                # The scaler never saw that overflow. The step is skipped anyway, so let its one
+                # unscale_ of this update find an inf: it then backs off and resets its growth
+                # counter exactly as for an overflow in the second pass.
+                grads = [p.grad for p in self._params if p.grad is not None]
+                if grads:
+                    grads[0].fill_(float("inf"))
             scaler.unscale_(opt.base_optimizer)  # the one unscale_ of this update: the SAM gradient
         took = opt.second_step(zero_grad=True, max_grad_norm=self.max_grad_norm)
         if scaler is not None:
-            if first_pass_failed:  # the scaler never saw that overflow: back off by hand
-                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-            else:
-                scaler.update()
+            scaler.update()
         return took, opt.last_grad_norm
 
     def _apply_plain(self) -> tuple[bool, Tensor | None]:
