@@ -19,9 +19,9 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 class SharpnessAwareOptimizer(Optimizer):
     """Base class: a perturb / restore / base-step cycle around a wrapped ``torch.optim`` optimizer.
 
-    ``param_groups`` and ``state`` ARE the base optimizer's (not copies), so an LR scheduler attached
-    to either object works and ``state_dict()`` carries momentum / Adam moments. The clean weights
-    saved during a perturbation live in private buffers, never in ``state``.
+    ``param_groups`` and ``state`` ARE the base optimizer's (not copies), so an LR scheduler
+    attached to either object works and ``state_dict()`` carries momentum / Adam moments. The clean
+    weights saved during a perturbation live in private buffers, never in ``state``.
     """
 
     def __init__(

@@ -5,7 +5,8 @@ Two savings on top of SAM (``samkit.optim.sam``):
 * SWP, stochastic weight perturbation: each parameter tensor joins the ascent with probability
   ``beta``; the others do not require grad during the first backward, so their weight gradients are
   never computed. ``e = rho * g_kept / ||g_kept|| / beta``, which keeps ``E[e]`` equal to SAM's
-  (the paper's text says ``1 / (1 - beta)``; its authors' code, and the expectation, use ``1 / beta``).
+  (the paper's text says ``1 / (1 - beta)``; its authors' code, and the expectation, use
+  ``1 / beta``).
 * SDS, sharpness-sensitive data selection: from per-sample losses ``l0 = l(w)`` and
   ``l1 = l(w + e)``, keep the ``ceil(gamma * B)`` samples with the largest ``l1 - l0`` and run the
   second forward/backward on them only. ``sds_criterion="loss"`` ranks by ``l0`` instead (the paper
@@ -34,8 +35,8 @@ SDS_CRITERIA = ("sharpness", "loss")
 class ESAM(SAM):
     """SAM with stochastic weight perturbation and sharpness-sensitive data selection.
 
-    ``step(closure)`` takes a closure ``closure(index) -> per-sample losses``: with ``index=None`` it
-    computes the losses of the whole batch, otherwise of ``batch[index]`` only. It must NOT call
+    ``step(closure)`` takes a closure ``closure(index) -> per-sample losses``: with ``index=None``
+    it computes the losses of the whole batch, otherwise of ``batch[index]`` only. It must NOT call
     ``backward`` (ESAM does), and it must return an unreduced loss of shape ``[B]``::
 
         def closure(index=None):

@@ -16,7 +16,8 @@
 * Gradient accumulation (``accumulation_steps``) and clipping (``max_grad_norm``) act on the SAM
   gradient, i.e. on the second-pass gradients; perturbations stay per micro-batch.
 * DDP / FSDP: the whole first pass (forward included) runs under ``model.no_sync()``; only the last
-  second-pass backward of an optimizer step all-reduces. A skip decided on one replica is taken by all.
+  second-pass backward of an optimizer step all-reduces. A skip decided on one replica is taken by
+  all.
 
 Any other optimizer gets one plain pass with the same AMP, accumulation and clipping.
 """
@@ -197,11 +198,11 @@ class SharpnessAwareStep:
         for bn in bns:  # batch statistics, running buffers untouched (see _BatchNorm.forward)
             bn.track_running_stats = False
         try:
-            with no_sync() if (no_sync and not sync) else contextlib.nullcontext():
-                with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-                ):
-                    yield
+            autocast = torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            )
+            with no_sync() if (no_sync and not sync) else contextlib.nullcontext(), autocast:
+                yield
         finally:
             for bn in bns:
                 bn.track_running_stats = True
