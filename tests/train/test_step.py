@@ -876,3 +876,25 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     model = mlp()
     with pytest.raises(ValueError, match=match):
         SharpnessAwareStep(model, make_sam(model), per_sample_ce, **kwargs)
+
+
+def test_esam_non_finite_first_pass_through_helper_skips_instead_of_raising():
+    """Regression: after a failed first pass, SDS (sharpness criterion) must not ask for l1."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.1, beta=1.0, gamma=0.5)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    calls = []
+
+    def loss_fn(out, t):
+        calls.append(len(t))
+        losses = torch.nn.functional.cross_entropy(out, t, reduction="none")
+        return losses * float("nan") if len(calls) == 1 else losses
+
+    before = [p.detach().clone() for p in model.parameters()]
+    step = SharpnessAwareStep(model, opt, loss_fn)
+    with pytest.warns(RuntimeWarning, match="first pass"):
+        out = step(x, y)
+    assert out.took_step is False and opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert calls == [8, 8]  # no selection forward; the second pass still runs (DDP-safe)

@@ -38,10 +38,19 @@ class SharpnessAwareOptimizer(Optimizer):
                     f"keyword arguments {sorted(base_kwargs)} are for building the base optimizer; "
                     "pass an optimizer class, or drop them when passing an optimizer instance"
                 )
-            own = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
-            given = {id(p) for g in _as_groups(params) for p in g["params"]}
-            if own != given:
+            given_groups = _as_groups(params)
+            own = [[id(p) for p in g["params"]] for g in base_optimizer.param_groups]
+            given = [[id(p) for p in g["params"]] for g in given_groups]
+            if {i for g in own for i in g} != {i for g in given for i in g}:
                 raise ValueError("params must be the same parameters the base optimizer holds")
+            if any(key in g for g in given_groups for key in defaults):
+                if own != given:
+                    raise ValueError(
+                        f"per-group options ({', '.join(defaults)}) given with an optimizer "
+                        "instance need the same param groups, in the same order, as that optimizer"
+                    )
+                for mine, theirs in zip(given_groups, base_optimizer.param_groups):
+                    theirs.update({k: v for k, v in mine.items() if k in defaults})
             super().__init__(base_optimizer.param_groups, defaults)  # adds our keys in place
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
@@ -70,7 +79,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _foreach(self, tensors: list[Tensor]) -> bool:
         use = True if self.foreach is None else self.foreach
-        return use and not any(t.is_sparse for t in tensors)
+        return use and bool(tensors) and not any(t.is_sparse for t in tensors)
 
     @property
     def failed_pass(self) -> str | None:
@@ -78,7 +87,9 @@ class SharpnessAwareOptimizer(Optimizer):
         return self._failed_pass
 
     def fail_step(self, reason: str) -> None:
-        """Mark the current step as failed, e.g. because another data-parallel replica's did."""
+        """Mark the current step as failed, e.g. because another data-parallel replica's did.
+
+        Call it between ``first_step`` and ``second_step``; ``second_step`` then skips."""
         self.unperturb()
         self._failed_pass = self._failed_pass or reason
 

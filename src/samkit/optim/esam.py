@@ -141,7 +141,7 @@ class ESAM(SAM):
         if ok and self.needs_perturbed_losses:
             with torch.no_grad():
                 perturbed = _per_sample(closure(None))
-        index = self.sds_select(clean, perturbed)
+        index = self.sds_select(clean, perturbed) if ok else None
         self.zero_grad(set_to_none=True)
         if ok:
             with torch.enable_grad():

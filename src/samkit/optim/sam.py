@@ -79,6 +79,7 @@ class SAM(SharpnessAwareOptimizer):
     def first_step(self, zero_grad: bool = False) -> bool:
         """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite."""
         self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
+        self._failed_pass = None
         self._perturbed = [
             (g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups
         ]

@@ -98,6 +98,7 @@ class SharpnessAwareStep:
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.skipped_plain_steps = 0
         self._micro = 0
+        self._failed_pass: str | None = None  # a failure in any micro-batch fails the whole step
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
 
     @property
@@ -157,10 +158,11 @@ class SharpnessAwareStep:
                 self._backward(_mean(self.loss_fn(self.model(x), y)))
             self._unscale_first_pass()
             ok = opt.ascent_step()
+        self._failed_pass = self._failed_pass or opt.failed_pass
         index = None
-        if esam:
+        if esam and ok:  # after a failed first pass the step is skipped: no selection needed
             perturbed = None
-            if ok and opt.needs_perturbed_losses:
+            if opt.needs_perturbed_losses:
                 with torch.no_grad(), self._pass("ascent", rng):
                     perturbed = self.loss_fn(self.model(x), y)
             index = opt.sds_select(per_sample.detach(), perturbed)
@@ -216,6 +218,9 @@ class SharpnessAwareStep:
 
     def _apply_sam(self) -> tuple[bool, Tensor | None]:
         opt, scaler = self.optimizer, self.grad_scaler
+        if self._failed_pass is not None:
+            opt.fail_step(self._failed_pass)
+            self._failed_pass = None
         self._agree_on_skip()
         first_pass_failed = opt.failed_pass is not None
         if scaler is not None:
