@@ -1,0 +1,320 @@
+"""Compare training runs: a table of final numbers and curves per epoch.
+
+A run directory holds ``metrics.jsonl`` (one JSON object per line, one per epoch, with keys such
+as ``epoch``, ``test_error_rate``, ``train_loss``, ``learning_rate``, ``images_per_sec``,
+``elapsed_sec``) and optionally ``summary.json`` (``final_test_error_rate``,
+``best_test_error_rate``, ``total_time_sec``, ``images_per_sec``, ``config``, ...). Missing keys
+are shown as ``-``. The columns fall back on equivalent keys, in this order:
+
+- final test error: ``final_test_error_rate``; ``1 - final_test_accuracy``; the last epoch's
+  ``test_error_rate``;
+- best test error: ``best_test_error_rate``; ``1 - best_test_accuracy``; the minimum over epochs of
+  ``test_error_rate``;
+- time: ``total_time_sec``; ``wall_seconds``; the last epoch's ``elapsed_sec`` / ``wall_seconds``;
+- images/s: ``images_per_sec`` in the summary; the mean over epochs of ``images_per_sec`` /
+  ``train_images_per_second``.
+
+(``samkit train`` writes ``final_test_error_rate``, ``best_test_accuracy``, ``wall_seconds`` and
+per-epoch ``train_images_per_second``, which the fallbacks cover.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+from samkit.analysis._utils import new_figure, save_figure
+
+__all__ = [
+    "ComparisonReport",
+    "RunData",
+    "RunDirError",
+    "compare_runs",
+    "comparison_table",
+    "load_run",
+    "load_runs",
+    "plot_run_curves",
+    "run_row",
+]
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+#: Column key -> header of the comparison table.
+COLUMNS: dict[str, str] = {
+    "final_test_error": "final test error (%)",
+    "best_test_error": "best test error (%)",
+    "time_sec": "time (s)",
+    "images_per_sec": "images/s",
+}
+
+#: Curves drawn by :func:`plot_run_curves`: metric key -> (file stem, y label, scale to apply).
+CURVES: dict[str, tuple[str, str, float]] = {
+    "test_error_rate": ("test_error", "test error (%)", 100.0),
+    "train_loss": ("train_loss", "train loss", 1.0),
+    "learning_rate": ("learning_rate", "learning rate", 1.0),
+}
+
+
+class RunDirError(ValueError):
+    """A run directory is missing, has no metrics or holds a corrupt file (named in the message)."""
+
+
+@dataclasses.dataclass
+class RunData:
+    """One run: its display ``name``, directory, per-epoch ``metrics`` records and ``summary``."""
+
+    name: str
+    path: Path
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """``(epochs, values)`` of every record holding a finite number under ``key``; the epoch
+        is the record's ``epoch`` or, without one, its 1-based position."""
+        xs, ys = [], []
+        for i, rec in enumerate(self.metrics, start=1):
+            y = _number(rec.get(key))
+            if y is None:
+                continue
+            x = _number(rec.get("epoch"))
+            xs.append(x if x is not None else float(i))
+            ys.append(y)
+        return xs, ys
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for anything else (missing, null, NaN, a string...)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise RunDirError(f"no metrics: {path} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                snippet = line.strip()[:80]
+                raise RunDirError(
+                    f"{path}:{lineno}: corrupt line, not valid JSON ({exc.msg}): {snippet!r}"
+                ) from None
+            if not isinstance(rec, dict):
+                kind = type(rec).__name__
+                raise RunDirError(
+                    f"{path}:{lineno}: corrupt line, expected a JSON object, got {kind}"
+                )
+            records.append(rec)
+    if not records:
+        raise RunDirError(f"no metrics: {path} has no records")
+    return records
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{path}: corrupt file, not valid JSON ({exc})") from None
+    if not isinstance(summary, dict):
+        raise RunDirError(f"{path}: corrupt file, expected a JSON object")
+    return summary
+
+
+def load_run(run_dir: str | PathLike[str], name: str | None = None) -> RunData:
+    """Read ``metrics.jsonl`` (required, at least one record) and ``summary.json`` (optional).
+
+    Raises :class:`RunDirError` naming the directory or file at fault.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunDirError(f"run directory not found: {path}")
+    return RunData(
+        name=name if name is not None else path.name,
+        path=path,
+        metrics=_read_metrics(path / METRICS_FILE),
+        summary=_read_summary(path / SUMMARY_FILE),
+    )
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """The shortest common number of trailing path parts that tells the runs apart."""
+    parts = [p.resolve().parts for p in paths]
+    longest = max((len(p) for p in parts), default=1)
+    for depth in range(1, longest + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def load_runs(
+    run_dirs: Sequence[str | PathLike[str]], names: Sequence[str] | None = None
+) -> list[RunData]:
+    """:func:`load_run` for each directory. Names default to the directory names, lengthened
+    with parent directories until they are unique (``rho_0/seed_0`` vs ``rho_0.05/seed_0``)."""
+    paths = [Path(d) for d in run_dirs]
+    if not paths:
+        raise ValueError("no run directories given")
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} run directories")
+    labels = list(names) if names is not None else _unique_names(paths)
+    return [load_run(p, n) for p, n in zip(paths, labels)]
+
+
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _complement(value: Any) -> float | None:
+    v = _number(value)
+    return None if v is None else 1.0 - v
+
+
+def run_row(run: RunData) -> dict[str, Any]:
+    """The table row of a run: ``name`` and the :data:`COLUMNS` values (error rates as fractions,
+    None where unknown), with the fallbacks of the module docstring."""
+    s, last = run.summary, run.metrics[-1]
+    _, errors = run.series("test_error_rate")
+    speeds = run.series("images_per_sec")[1] or run.series("train_images_per_second")[1]
+    return {
+        "name": run.name,
+        "final_test_error": _first(
+            _number(s.get("final_test_error_rate")),
+            _complement(s.get("final_test_accuracy")),
+            errors[-1] if errors else None,
+        ),
+        "best_test_error": _first(
+            _number(s.get("best_test_error_rate")),
+            _complement(s.get("best_test_accuracy")),
+            min(errors) if errors else None,
+        ),
+        "time_sec": _first(
+            _number(s.get("total_time_sec")),
+            _number(s.get("wall_seconds")),
+            _number(last.get("elapsed_sec")),
+            _number(last.get("wall_seconds")),
+        ),
+        "images_per_sec": _first(
+            _number(s.get("images_per_sec")), sum(speeds) / len(speeds) if speeds else None
+        ),
+    }
+
+
+def _format(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("test_error"):
+        return f"{100.0 * value:.2f}"
+    if key == "time_sec":
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def comparison_table(
+    runs: Sequence[RunData], *, fmt: Literal["markdown", "text"] = "markdown"
+) -> str:
+    """A table with one row per run: name, final and best test error (in %, 2 decimals), time
+    (s, 1 decimal), images/s (integer); ``-`` where unknown. ``fmt="markdown"`` gives a GitHub
+    table, ``"text"`` aligned columns. Ends with a newline."""
+    header = ["run", *COLUMNS.values()]
+    rows = []
+    for run in runs:
+        row = run_row(run)
+        rows.append([row["name"], *(_format(k, row[k]) for k in COLUMNS)])
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    elif fmt == "text":
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def line(cells: list[str]) -> str:
+            first = cells[0].ljust(widths[0])
+            rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+            return "  ".join([first, *rest]).rstrip()
+
+        lines = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    else:
+        raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_run_curves(
+    runs: Sequence[RunData],
+    out_dir: str | PathLike[str],
+    *,
+    metrics: Sequence[str] = tuple(CURVES),
+    prefix: str = "",
+) -> dict[str, Path]:
+    """One PNG per metric (default: test error in %, train loss, learning rate) with a line per
+    run against the epoch, written to ``out_dir/{prefix}{stem}.png``. A metric that no run
+    records is skipped. Returns metric key -> path."""
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    for key in metrics:
+        stem, label, scale = CURVES.get(key, (key, key, 1.0))
+        series = [(run.name, run.series(key)) for run in runs]
+        if not any(ys for _, (_, ys) in series):
+            continue
+        fig = new_figure((6.0, 4.0))
+        ax = fig.add_subplot()
+        for name, (xs, ys) in series:
+            if ys:
+                ax.plot(xs, [scale * y for y in ys], marker="o", ms=3, lw=1.5, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if key == "train_loss" and all(y > 0 for _, (_, ys) in series for y in ys):
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        written[key] = save_figure(fig, out / f"{prefix}{stem}.png")
+    return written
+
+
+@dataclasses.dataclass
+class ComparisonReport:
+    """What :func:`compare_runs` produced: the table text, the rows and the PNG paths."""
+
+    table: str
+    rows: list[dict[str, Any]]
+    plots: dict[str, Path]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "rows": self.rows,
+            "plots": {k: str(v) for k, v in self.plots.items()},
+        }
+
+
+def compare_runs(
+    run_dirs: Sequence[str | PathLike[str]],
+    out_dir: str | PathLike[str] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    fmt: Literal["markdown", "text"] = "markdown",
+) -> ComparisonReport:
+    """Load the runs, build the table and, if ``out_dir`` is given, write the curves and
+    ``comparison.md`` / ``comparison.txt`` there. The entry point for a ``samkit compare`` CLI."""
+    runs = load_runs(run_dirs, names)
+    table = comparison_table(runs, fmt=fmt)
+    plots: dict[str, Path] = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        plots = plot_run_curves(runs, out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ("comparison.md" if fmt == "markdown" else "comparison.txt")).write_text(table)
+    return ComparisonReport(table=table, rows=[run_row(r) for r in runs], plots=plots)
