@@ -1,0 +1,367 @@
+"""Fashion-MNIST from the original IDX gzip files, held in memory as tensors.
+
+The IDX format (LeCun et al.) is a big-endian header followed by raw data::
+
+    bytes 0-1  zero
+    byte  2    element type code (0x08 = unsigned byte, ...)
+    byte  3    number of dimensions
+    then one uint32 per dimension, then the data in C order.
+
+The header is parsed here with :mod:`struct`; everything is validated (magic number,
+dimensions, exact payload size) so that a truncated or corrupt file fails loudly with the
+file's name instead of producing garbage tensors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CLASSES",
+    "FILES",
+    "MEAN",
+    "STD",
+    "DEFAULT_SEARCH_DIRS",
+    "DataNotFoundError",
+    "FashionMNIST",
+    "IDXFormatError",
+    "TensorBatchLoader",
+    "augment_batch",
+    "candidate_dirs",
+    "find_data_dir",
+    "load_fashion_mnist",
+    "read_idx",
+]
+
+#: The four files, by split and kind, as distributed (gzip compressed).
+FILES = {
+    ("train", "images"): "train-images-idx3-ubyte.gz",
+    ("train", "labels"): "train-labels-idx1-ubyte.gz",
+    ("test", "images"): "t10k-images-idx3-ubyte.gz",
+    ("test", "labels"): "t10k-labels-idx1-ubyte.gz",
+}
+
+CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+#: Per-pixel mean and standard deviation of the 60,000 training images, scaled to [0, 1].
+MEAN = 0.2860
+STD = 0.3530
+
+#: Search order after ``--data-dir`` and ``$SAMKIT_DATA``.
+DEFAULT_SEARCH_DIRS = (
+    "~/.cache/samkit/fashion_mnist",
+    "/usr/share/datasets/fashion-mnist",
+)
+
+_IDX_TYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_SPLIT_SIZES = {"train": 60_000, "test": 10_000}
+_IMAGE_SHAPE = (28, 28)
+
+
+class IDXFormatError(ValueError):
+    """An IDX file is truncated, corrupt or not what was expected."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set was not found in any of the searched directories."""
+
+    def __init__(self, message: str, searched: Sequence[Path]):
+        super().__init__(message)
+        self.searched = list(searched)
+
+
+# --------------------------------------------------------------------------------------------
+# IDX parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The decompressed content of ``path`` (gzip if it starts with the gzip magic)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise IDXFormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    if raw[:2] != b"\x1f\x8b":
+        if path.suffix == ".gz":
+            raise IDXFormatError(f"{path}: not a gzip file (bad gzip magic number)")
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+        raise IDXFormatError(f"{path}: corrupt or truncated gzip data ({e})") from e
+
+
+def read_idx(
+    path: str | os.PathLike[str],
+    *,
+    expect_ndim: int | None = None,
+    expect_dtype: np.dtype | str | None = None,
+) -> np.ndarray:
+    """Read one IDX file (plain or gzip) into a native-endian numpy array.
+
+    Raises :class:`IDXFormatError`, naming the file, when the header is invalid, the number of
+    dimensions or element type differ from ``expect_ndim`` / ``expect_dtype``, or the payload is
+    not exactly as long as the header announces.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise IDXFormatError(f"{path}: file too short for an IDX header ({len(data)} bytes)")
+    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or type_code not in _IDX_TYPES:
+        raise IDXFormatError(
+            f"{path}: bad IDX magic number 0x{int.from_bytes(data[:4], 'big'):08x}"
+        )
+    dtype = _IDX_TYPES[type_code]
+    if expect_ndim is not None and ndim != expect_ndim:
+        raise IDXFormatError(f"{path}: expected {expect_ndim} dimensions, header says {ndim}")
+    if expect_dtype is not None and dtype.newbyteorder("=") != np.dtype(expect_dtype):
+        raise IDXFormatError(
+            f"{path}: expected element type {np.dtype(expect_dtype)}, header says {dtype}"
+        )
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise IDXFormatError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header_len])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = len(data) - header_len
+    if actual != expected:
+        what = "truncated" if actual < expected else "has trailing bytes"
+        raise IDXFormatError(
+            f"{path}: {what}: header shape {tuple(shape)} needs {expected} data bytes, "
+            f"found {actual}"
+        )
+    arr = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Locating and loading
+# --------------------------------------------------------------------------------------------
+
+
+def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Path, str]]:
+    """The directories searched, in order, each with where it came from."""
+    out: list[tuple[Path, str]] = []
+    if data_dir is not None:
+        out.append((Path(data_dir).expanduser(), "--data-dir"))
+    env = os.environ.get("SAMKIT_DATA")
+    if env:
+        out.append((Path(env).expanduser(), "$SAMKIT_DATA"))
+    for d in DEFAULT_SEARCH_DIRS:
+        out.append((Path(d).expanduser(), "default"))
+    return out
+
+
+def _file_in(directory: Path, name: str) -> Path | None:
+    """``name`` (gzip) or its uncompressed twin inside ``directory``, if either exists."""
+    for candidate in (directory / name, directory / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The first directory holding all four Fashion-MNIST files.
+
+    Order: ``data_dir`` (``--data-dir``), ``$SAMKIT_DATA``, ``~/.cache/samkit/fashion_mnist``,
+    ``/usr/share/datasets/fashion-mnist``. An explicitly given ``data_dir`` that lacks the files
+    is an error even if a later directory has them, so that a typo is not silently ignored.
+    """
+    searched = candidate_dirs(data_dir)
+    if data_dir is not None:
+        searched = searched[:1]
+    notes = []
+    for directory, origin in searched:
+        missing = [name for name in FILES.values() if _file_in(directory, name) is None]
+        if not missing:
+            return directory
+        if directory.is_dir():  # say what is missing where the directory itself exists
+            origin += ", lacks " + ", ".join(missing)
+        notes.append(f"{directory} ({origin})")
+    paths = [d for d, _ in searched]
+    listed = ", ".join(notes)
+    raise DataNotFoundError(
+        f"Fashion-MNIST not found; searched: {listed}. Install it with "
+        f"`apt-get install dataset-fashion-mnist` or put the four files "
+        f"({', '.join(FILES.values())}) in --data-dir.",
+        paths,
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", data_dir: str | os.PathLike[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``uint8 [N, 28, 28]`` and labels ``uint8 [N]`` of one split ("train" or "test").
+
+    The real data set has 60,000 / 10,000 images; smaller files in the same format (as the tests
+    write) are accepted, but images and labels must agree in count and labels must be in 0..9.
+    """
+    if split not in _SPLIT_SIZES:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    directory = find_data_dir(data_dir)
+    img_path = _file_in(directory, FILES[(split, "images")])
+    lbl_path = _file_in(directory, FILES[(split, "labels")])
+    assert img_path is not None and lbl_path is not None
+    images = read_idx(img_path, expect_ndim=3, expect_dtype=np.uint8)
+    labels = read_idx(lbl_path, expect_ndim=1, expect_dtype=np.uint8)
+    if images.shape[1:] != _IMAGE_SHAPE:
+        raise IDXFormatError(
+            f"{img_path}: expected 28x28 images, found {images.shape[1]}x{images.shape[2]}"
+        )
+    if images.shape[0] != labels.shape[0]:
+        raise IDXFormatError(
+            f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels"
+        )
+    if labels.size and int(labels.max()) >= len(CLASSES):
+        raise IDXFormatError(f"{lbl_path}: label {int(labels.max())} out of range 0..9")
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory data set and batching
+# --------------------------------------------------------------------------------------------
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 2) -> torch.Tensor:
+    """Random horizontal flip and random crop with ``padding`` px of reflect padding.
+
+    ``x`` is a float batch ``[B, C, H, W]``; every image gets its own flip and offset, drawn
+    from ``generator`` (on the CPU, so results do not depend on the device).
+    """
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    flip, dy, dx = flip.to(x.device), dy.to(x.device), dx.to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if padding == 0:
+        return x
+    xp = torch.nn.functional.pad(x, (padding,) * 4, mode="reflect")
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # [B, H]
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # [B, W]
+    bidx = torch.arange(b, device=x.device)[:, None, None]
+    # Index the channels-last view so that the advanced indices come first: [B, H, W, C].
+    out = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """One split of Fashion-MNIST as a normalised float tensor ``[N, 1, 28, 28]`` in memory.
+
+    ``images`` / ``labels`` hold the whole split; indexing returns ``(image, label)`` so it also
+    works with a :class:`torch.utils.data.DataLoader`, but :class:`TensorBatchLoader` is much
+    faster on the CPU. ``subset`` keeps only the first ``subset`` examples.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        normalize: bool = True,
+        subset: int | None = None,
+    ):
+        self.root = find_data_dir(data_dir)
+        images, labels = load_fashion_mnist(split, self.root)
+        if subset is not None:
+            images, labels = images[:subset], labels[:subset]
+        x = images.unsqueeze(1).float().div_(255.0)
+        if normalize:
+            x = x.sub_(MEAN).div_(STD)
+        self.split = split
+        self.images = x
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+class TensorBatchLoader:
+    """Batches of ``(images, labels)`` cut from in-memory tensors.
+
+    With ``shuffle`` each epoch uses a permutation drawn from a generator seeded with
+    ``seed + epoch`` (the epoch counts calls to ``__iter__``, or is set with :meth:`set_epoch`),
+    so the data order is reproducible and independent of any global RNG. ``augment`` applies
+    :func:`augment_batch` with the same per-epoch generator.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError("images and labels differ in length")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = self.labels.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        n = self.labels.shape[0]
+        order = torch.randperm(n, generator=gen) if self.shuffle else None
+        for k in range(len(self)):
+            lo, hi = k * self.batch_size, min(n, (k + 1) * self.batch_size)
+            if order is None:
+                x, y = self.images[lo:hi], self.labels[lo:hi]
+            else:
+                idx = order[lo:hi].to(self.device)
+                x, y = self.images[idx], self.labels[idx]
+            if self.augment:
+                x = augment_batch(x, gen)
+            yield x, y

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny Fashion-MNIST-format data sets written in the real IDX gzip format."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` encoded as an IDX file: 0, 0, type code, ndim, big-endian dims, data."""
+    dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+    code = IDX_TYPE_CODES[np.dtype(dtype)]
+    header = struct.pack(">HBB", 0, code, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> Path:
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def write_fashion_mnist(
+    directory: Path, n_train: int = 64, n_test: int = 32, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Write the four Fashion-MNIST files with random content; return the arrays written."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    write_idx(directory / "train-images-idx3-ubyte.gz", arrays["train_images"])
+    write_idx(directory / "train-labels-idx1-ubyte.gz", arrays["train_labels"])
+    write_idx(directory / "t10k-images-idx3-ubyte.gz", arrays["test_images"])
+    write_idx(directory / "t10k-labels-idx1-ubyte.gz", arrays["test_labels"])
+    return arrays
+
+
+@pytest.fixture
+def idx() -> SimpleNamespace:
+    """The IDX writing helpers: ``idx.bytes``, ``idx.write``, ``idx.write_fashion_mnist``."""
+    return SimpleNamespace(
+        bytes=idx_bytes, write=write_idx, write_fashion_mnist=write_fashion_mnist
+    )
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path: Path) -> Path:
+    """A directory with a tiny Fashion-MNIST (64 train / 32 test images)."""
+    directory = tmp_path / "fmnist"
+    write_fashion_mnist(directory)
+    return directory
+
+
+@pytest.fixture
+def no_default_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Make the default search locations empty temporary paths (and unset $SAMKIT_DATA), so
+    that tests do not depend on whether the real data set is installed. Returns those paths."""
+    from samkit.data import fashion_mnist
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SAMKIT_DATA", raising=False)
+    system = tmp_path / "usr-share-datasets-fashion-mnist"
+    monkeypatch.setattr(
+        fashion_mnist, "DEFAULT_SEARCH_DIRS", ("~/.cache/samkit/fashion_mnist", str(system))
+    )
+    return [home / ".cache/samkit/fashion_mnist", system]
