@@ -1,5 +1,7 @@
-"""Data sets held in memory as tensors, and a fast tensor batch loader."""
+"""Data sets (Fashion-MNIST, CIFAR, SVHN, ImageNet, image folders), augmentations, loaders."""
 
+from samkit.data.cifar import download_cifar, load_cifar
+from samkit.data.common import DataFormatError, UnsafePickleError, split_holdout
 from samkit.data.fashion_mnist import (
     CLASSES,
     MEAN,
@@ -13,8 +15,44 @@ from samkit.data.fashion_mnist import (
     load_fashion_mnist,
     read_idx,
 )
+from samkit.data.image_folder import ImageFolderDataset, load_folders
+from samkit.data.loader import BatchedLoader, InMemoryDataset, SampleLoader, make_loader
+from samkit.data.noise import (
+    LabelNoiseRecord,
+    apply_label_noise,
+    bootstrap_labels,
+    load_label_noise,
+    save_label_noise,
+)
+from samkit.data.registry import DATASETS, DatasetInfo, build_datasets
+from samkit.data.svhn import download_svhn, load_svhn
+from samkit.data.transforms import NORMALIZATION, eval_transform, train_transform
 
 __all__ = [
+    "DATASETS",
+    "NORMALIZATION",
+    "BatchedLoader",
+    "DataFormatError",
+    "DatasetInfo",
+    "ImageFolderDataset",
+    "InMemoryDataset",
+    "LabelNoiseRecord",
+    "SampleLoader",
+    "UnsafePickleError",
+    "apply_label_noise",
+    "bootstrap_labels",
+    "build_datasets",
+    "download_cifar",
+    "download_svhn",
+    "eval_transform",
+    "load_cifar",
+    "load_folders",
+    "load_label_noise",
+    "load_svhn",
+    "make_loader",
+    "save_label_noise",
+    "split_holdout",
+    "train_transform",
     "CLASSES",
     "MEAN",
     "STD",

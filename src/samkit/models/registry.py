@@ -47,7 +47,19 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def is_model(name: str) -> bool:
-    return name in _REGISTRY
+    try:
+        return name in _REGISTRY or _wrn_builder(name) is not None
+    except ValueError:  # wrn_{d}_{k} with an impossible depth
+        return False
+
+
+def _wrn_builder(name: str) -> Callable[..., nn.Module] | None:
+    """``wrn_{depth}_{width}`` names beyond the registered ones (lazy import: no cycle)."""
+    from samkit.models.wide_resnet import parse_wrn_name, wrn_from_name
+
+    if parse_wrn_name(name) is None:
+        return None
+    return lambda **kw: wrn_from_name(name, **kw)
 
 
 def create_model(
@@ -57,6 +69,9 @@ def create_model(
     try:
         fn = _REGISTRY[name]
     except KeyError:
+        wrn = _wrn_builder(name)  # raises ValueError for a malformed depth, e.g. wrn_27_10
+        if wrn is not None:
+            return wrn(num_classes=num_classes, in_channels=in_channels, **kwargs)
         known = ", ".join(list_models()) or "(none)"
         raise ValueError(f"unknown model {name!r}; known models: {known}") from None
     return fn(num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -1,0 +1,359 @@
+"""Augmentations and normalisation, per sample (torchvision ``transforms.v2``) and per batch.
+
+Image-level augmentations (``image_level``), as in the seed system:
+
+* ``none``: normalisation only;
+* ``basic``: random horizontal flip, reflect-pad 4 px, random crop back to the image size. SVHN
+  skips the flip (mirrored digits are other digits or none); Fashion-MNIST keeps it (28 px);
+* ``autoaugment``: torchvision's AutoAugment (CIFAR10 policy; SVHN policy for SVHN) and then
+  ``basic``. torchvision scales the translations to the image width (150/331 of it), unlike the
+  seed's ImageNet-sized constants on 32 px images. On 1-channel Fashion-MNIST it works on the
+  1-channel tensor directly (colour operations are no-ops there);
+* ``aa-only`` (SVHN, as in the seed): AutoAugment without ``basic``.
+
+For ImageNet-like folders (``imagenet``, ``image_folder``): ``basic`` = inception-style
+``RandomResizedCrop`` (area 8-100 %, aspect 3/4-4/3) + flip; ``autoaugment`` (or ``randaugment``)
+= the same crop, ``RandAugment(num_ops=2, magnitude=9)``, flip (the seed's order); ``none`` = the
+eval transform. Evaluation: resize the short side to 256 (size * 8/7) and centre-crop 224.
+
+Batch-level (``batch_level``): ``cutout`` zeroes one ``cutout_length`` square per image after
+normalisation (so it is filled with the mean colour); its centre is uniform over the image and
+the square is clipped at the borders. (The seed draws one square for the whole batch; here every
+image gets its own, as in the Cutout paper.)
+
+The per-sample transforms take ``uint8 [C, H, W]`` tensors and use the global torch RNG (the
+loaders seed it per sample, see :mod:`samkit.data.loader`). The batched versions
+(:func:`random_crop_flip_batch`, :func:`cutout_batch`, :class:`BatchAugment`) take
+``[B, C, H, W]`` batches on any device and draw from an explicit CPU ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from samkit.data import fashion_mnist
+
+__all__ = [
+    "BATCH_LEVEL",
+    "IMAGE_LEVEL",
+    "NORMALIZATION",
+    "BatchAugment",
+    "Cutout",
+    "apply_crop_flip",
+    "batch_augment",
+    "channel_stats",
+    "crop_flip_params",
+    "cutout_batch",
+    "cutout_params",
+    "eval_transform",
+    "normalize_batch",
+    "random_crop_flip_batch",
+    "train_transform",
+]
+
+IMAGE_LEVEL = ("none", "basic", "autoaugment", "aa-only", "randaugment")
+BATCH_LEVEL = ("none", "cutout")
+
+#: Per-channel mean and standard deviation of the training images scaled to [0, 1] (population
+#: statistics over all pixels of the training split, as published and as the seed system uses):
+#:
+#: * CIFAR-10 / CIFAR-100: the 50,000 training images. (The often copied CIFAR-10 std
+#:   (0.2023, 0.1994, 0.2010) is the mean of per-image stds, not the data set's std.)
+#: * SVHN: train + extra (604,388 images; the seed's values); ``svhn_core``: train only.
+#: * Fashion-MNIST: the 60,000 training images (samkit.data.fashion_mnist.MEAN/STD; the seed
+#:   used MNIST's 0.1307 / 0.3081 by mistake).
+#: * ImageNet: the usual ILSVRC-2012 values (also used for generic image folders).
+#:
+#: :func:`channel_stats` recomputes such values from a ``uint8`` tensor.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4309, 0.4302, 0.4463), (0.1976, 0.2003, 0.1981)),
+    "svhn_core": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "fashion_mnist": ((fashion_mnist.MEAN,), (fashion_mnist.STD,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "image_folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Aug:
+    size: int  # training / eval crop size
+    flip: bool
+    policy: v2.AutoAugmentPolicy | None
+    folder: bool = False  # ImageNet-style pipeline
+
+
+_SMALL = {
+    "cifar10": _Aug(32, True, v2.AutoAugmentPolicy.CIFAR10),
+    "cifar100": _Aug(32, True, v2.AutoAugmentPolicy.CIFAR10),
+    "svhn": _Aug(32, False, v2.AutoAugmentPolicy.SVHN),
+    "svhn_core": _Aug(32, False, v2.AutoAugmentPolicy.SVHN),
+    "fashion_mnist": _Aug(28, True, v2.AutoAugmentPolicy.CIFAR10),
+    "imagenet": _Aug(224, True, None, folder=True),
+    "image_folder": _Aug(224, True, None, folder=True),
+}
+
+#: Reflect padding of ``basic``, as in the seed.
+CROP_PADDING = 4
+
+
+def _spec(dataset: str) -> _Aug:
+    try:
+        return _SMALL[dataset]
+    except KeyError:
+        raise ValueError(
+            f"no transforms for data set {dataset!r}; known: {', '.join(sorted(_SMALL))}"
+        ) from None
+
+
+def _check_levels(dataset: str, image_level: str, batch_level: str, folder: bool) -> None:
+    if image_level not in IMAGE_LEVEL:
+        raise ValueError(f"image_level must be one of {IMAGE_LEVEL}, not {image_level!r}")
+    if batch_level not in BATCH_LEVEL:
+        raise ValueError(f"batch_level must be one of {BATCH_LEVEL}, not {batch_level!r}")
+    if image_level == "aa-only" and folder:
+        raise ValueError(f"image_level 'aa-only' is for 32 px data sets, not {dataset!r}")
+    if image_level == "randaugment" and not folder:
+        raise ValueError(
+            f"image_level 'randaugment' is for ImageNet-like folders; for {dataset!r} use "
+            "'autoaugment'"
+        )
+
+
+def _normalize(dataset: str) -> list[nn.Module]:
+    mean, std = NORMALIZATION[dataset]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def _folder_eval(size: int) -> list[nn.Module]:
+    return [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
+
+
+def train_transform(
+    dataset: str,
+    image_level: str = "basic",
+    batch_level: str = "none",
+    cutout_length: int = 16,
+    *,
+    image_size: int | None = None,
+) -> v2.Compose:
+    """The per-sample training transform: ``uint8 [C, H, W]`` -> normalised ``float32``.
+
+    ``image_size`` changes the crop size of ImageNet-like folders (default 224).
+    """
+    spec = _spec(dataset)
+    _check_levels(dataset, image_level, batch_level, spec.folder)
+    ops: list[nn.Module] = []
+    if spec.folder:
+        size = image_size or spec.size
+        if image_level == "none":
+            ops += _folder_eval(size)
+        else:
+            ops.append(v2.RandomResizedCrop(size, antialias=True))
+            if image_level in ("autoaugment", "randaugment"):
+                ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+            ops.append(v2.RandomHorizontalFlip())
+    else:
+        if image_level in ("autoaugment", "aa-only"):
+            ops.append(v2.AutoAugment(spec.policy))
+        if image_level in ("basic", "autoaugment"):
+            if spec.flip:
+                ops.append(v2.RandomHorizontalFlip())
+            ops.append(v2.RandomCrop(spec.size, padding=CROP_PADDING, padding_mode="reflect"))
+    ops += _normalize(dataset)
+    if batch_level == "cutout":
+        ops.append(Cutout(cutout_length))
+    return v2.Compose(ops)
+
+
+def eval_transform(dataset: str, *, image_size: int | None = None) -> v2.Compose:
+    """The per-sample evaluation transform (normalisation; resize + centre crop for folders)."""
+    spec = _spec(dataset)
+    ops: list[nn.Module] = _folder_eval(image_size or spec.size) if spec.folder else []
+    return v2.Compose(ops + _normalize(dataset))
+
+
+# --------------------------------------------------------------------------------------------
+# Batched augmentation
+# --------------------------------------------------------------------------------------------
+
+
+def crop_flip_params(
+    batch: int, generator: torch.Generator | None, padding: int = CROP_PADDING, flip: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random draws of :func:`random_crop_flip_batch` (on the CPU): flip mask ``[B]`` (bool),
+    crop offsets ``dy``, ``dx`` ``[B]`` in ``0..2*padding`` into the padded image."""
+    if flip:
+        flips = torch.rand(batch, generator=generator) < 0.5
+    else:
+        flips = torch.zeros(batch, dtype=torch.bool)
+    dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    return flips, dy, dx
+
+
+def _reflect_index(n: int, padding: int, device: torch.device) -> torch.Tensor:
+    """Source index of each position of a reflect-padded axis (no edge repeat, like F.pad)."""
+    if padding >= n:
+        raise ValueError(f"reflect padding {padding} must be smaller than the image size {n}")
+    i = torch.arange(-padding, n + padding, device=device).abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def apply_crop_flip(
+    x: torch.Tensor,
+    flips: torch.Tensor,
+    dy: torch.Tensor,
+    dx: torch.Tensor,
+    padding: int = CROP_PADDING,
+) -> torch.Tensor:
+    """Flip the images ``flips`` selects, reflect-pad by ``padding`` and crop at ``(dy, dx)``.
+
+    Equals ``F.pad(flipped, [padding] * 4, mode="reflect")[..., dy:dy + H, dx:dx + W]`` per
+    image, computed as one gather on any dtype (uint8 included) without materialising the
+    padded batch.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    flips, dy, dx = flips.to(dev), dy.to(dev), dx.to(dev)
+    rows = _reflect_index(h, padding, dev)[dy[:, None] + torch.arange(h, device=dev)]  # [B, H]
+    cols = _reflect_index(w, padding, dev)[dx[:, None] + torch.arange(w, device=dev)]  # [B, W]
+    cols = torch.where(flips[:, None], w - 1 - cols, cols)
+    bidx = torch.arange(b, device=dev)[:, None, None]
+    # Advanced indices around a slice put the indexed dims first: [B, H, W, C].
+    out = x[bidx, :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def random_crop_flip_batch(
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    padding: int = CROP_PADDING,
+    flip: bool = True,
+) -> torch.Tensor:
+    """``basic`` on a batch ``[B, C, H, W]``: each image its own flip and crop offset."""
+    return apply_crop_flip(x, *crop_flip_params(x.shape[0], generator, padding, flip), padding)
+
+
+def cutout_params(
+    batch: int, height: int, width: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cutout centres ``cy``, ``cx`` ``[B]``, uniform over the image (on the CPU)."""
+    cy = torch.randint(0, height, (batch,), generator=generator)
+    cx = torch.randint(0, width, (batch,), generator=generator)
+    return cy, cx
+
+
+def cutout_batch(
+    x: torch.Tensor,
+    length: int = 16,
+    generator: torch.Generator | None = None,
+    centres: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Zero a ``length`` x ``length`` square per image of ``x`` ``[B, C, H, W]`` (a new tensor).
+
+    The square covers rows ``cy - length // 2`` to ``cy - length // 2 + length - 1`` (columns
+    likewise), clipped to the image; ``centres`` overrides the random ``(cy, cx)``.
+    """
+    b, _, h, w = x.shape
+    cy, cx = centres if centres is not None else cutout_params(b, h, w, generator)
+    cy, cx = cy.to(x.device), cx.to(x.device)
+    y0, x0 = cy - length // 2, cx - length // 2
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = (ar_h >= y0[:, None]) & (ar_h < y0[:, None] + length)  # [B, H]
+    cols = (ar_w >= x0[:, None]) & (ar_w < x0[:, None] + length)  # [B, W]
+    mask = rows[:, None, :, None] & cols[:, None, None, :]
+    return x.masked_fill(mask, 0)
+
+
+class Cutout(nn.Module):
+    """Per-sample cutout for ``[C, H, W]`` (or batched ``[B, C, H, W]``) normalised tensors,
+    drawing from the global torch RNG; see :func:`cutout_batch`."""
+
+    def __init__(self, length: int = 16):
+        super().__init__()
+        if length < 1:
+            raise ValueError(f"cutout length must be >= 1, not {length}")
+        self.length = length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return cutout_batch(x[None], self.length)[0]
+        return cutout_batch(x, self.length)
+
+    def extra_repr(self) -> str:
+        return f"length={self.length}"
+
+
+def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``uint8 [B, C, H, W]`` -> ``float32`` scaled to [0, 1] and normalised per channel."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return x.to(torch.float32).div_(255.0).sub_(m).div_(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchAugment:
+    """A batched pipeline: [crop/flip on uint8] -> normalise -> [cutout]."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: bool = False
+    flip: bool = False
+    padding: int = CROP_PADDING
+    cutout_length: int | None = None
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.crop or self.flip:
+            x = random_crop_flip_batch(x, generator, self.padding if self.crop else 0, self.flip)
+        x = normalize_batch(x, self.mean, self.std)
+        if self.cutout_length is not None:
+            x = cutout_batch(x, self.cutout_length, generator)
+        return x
+
+
+def batch_augment(
+    dataset: str,
+    image_level: str = "none",
+    batch_level: str = "none",
+    cutout_length: int = 16,
+) -> BatchAugment | None:
+    """The batched equivalent of :func:`train_transform`, or ``None`` where there is none
+    (AutoAugment, ImageNet-like folders). ``image_level="none"`` without cutout is the eval
+    pipeline of the in-memory data sets."""
+    spec = _spec(dataset)
+    _check_levels(dataset, image_level, batch_level, spec.folder)
+    if spec.folder or image_level not in ("none", "basic"):
+        return None
+    mean, std = NORMALIZATION[dataset]
+    basic = image_level == "basic"
+    return BatchAugment(
+        mean=tuple(mean),
+        std=tuple(std),
+        crop=basic,
+        flip=basic and spec.flip,
+        cutout_length=cutout_length if batch_level == "cutout" else None,
+    )
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of ``uint8 [N, C, H, W]`` images scaled to
+    [0, 1], accumulated in float64 over chunks."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for lo in range(0, images.shape[0], chunk):
+        x = images[lo : lo + chunk].to(torch.float64).div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
