@@ -5,7 +5,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/overhead.py                 # full run, a few minutes on 2 cores
     .venv/bin/python benchmarks/overhead.py --quick         # smoke run, well under a minute
 
-Two models, both on a fixed synthetic batch of 128 (data loading is not measured):
+Three models, each on a fixed synthetic batch (data loading is not measured):
 
 * ``small_cnn``: four 3x3 conv + BatchNorm + ReLU layers (16-32-64-128 channels, strides
   1-2-2-1), global average pooling and a linear head; 28x28x1 input; ~99k parameters in 14 tensors.
@@ -15,6 +15,9 @@ Two models, both on a fixed synthetic batch of 128 (data loading is not measured
   forward/backward, and it is the worst case for optimizer overhead: its compute per parameter
   (2 * batch FLOPs per forward) is the lowest of any architecture, so the per-parameter work of the
   optimizer weighs the most.
+* ``wrn_28_10``: the seed system's default model, WideResNet-28-10 (~36.5M parameters), 32x32x3
+  input, batch 8 (a batch of 128 takes tens of seconds per step on 2 CPU cores): the realistic
+  ~30M-parameter case.
 
 Variants (each owns its own copy of the model, same initial weights; lr 0.01, momentum 0.9, no
 weight decay, base optimizer ``torch.optim.SGD`` with its defaults):
@@ -97,6 +100,7 @@ from samkit.train.step import SharpnessAwareStep
 ROOT = Path(__file__).resolve().parents[1]
 LR, MOMENTUM, RHO, BETA, GAMMA = 0.01, 0.9, 0.05, 0.5, 0.5
 BATCH = 128
+BATCH_SIZES = {"small_cnn": BATCH, "mlp_30m": BATCH, "wrn_28_10": 8}
 
 VARIANTS: dict[str, str] = {
     "sgd": "SGD(momentum=0.9): 1 fwd/bwd + step",
@@ -110,10 +114,10 @@ VARIANTS: dict[str, str] = {
 }
 
 # Per-model timing defaults: (repeats, steps_per_sample, round_warmup, warmup).
-TIMING = {"small_cnn": (15, 2, 1, 3), "mlp_30m": (8, 1, 0, 2)}
+TIMING = {"small_cnn": (15, 2, 1, 3), "mlp_30m": (8, 1, 0, 2), "wrn_28_10": (5, 1, 0, 1)}
 QUICK_TIMING = (3, 1, 0, 1)
 # Seconds of timing rounds per model beyond which no more rounds start to collect quiet samples.
-BUDGET_S = {"small_cnn": 120.0, "mlp_30m": 180.0}
+BUDGET_S = {"small_cnn": 120.0, "mlp_30m": 180.0, "wrn_28_10": 300.0}
 QUICK_BUDGET_S = 5.0
 TASKS_DIR = Path("/proc/self/task")
 QUIET_THRESHOLD = 0.05  # "quiet" sample: our threads waited for a CPU < 5% of its wall time
@@ -161,15 +165,21 @@ def build(model_name: str, quick: bool, device: torch.device) -> tuple[nn.Module
     """The model (seeded init) and a fixed synthetic batch."""
     torch.manual_seed(0)
     if model_name == "small_cnn":
-        model, shape = small_cnn(), (BATCH, 1, 28, 28)
+        model, shape = small_cnn(), (BATCH_SIZES[model_name], 1, 28, 28)
     elif model_name == "mlp_30m":
         # --quick shrinks it so the smoke run stays fast; the JSON records the real size
         model = wide_mlp(256, 2) if quick else wide_mlp(2048, 7)
-        shape = (BATCH, 3, 32, 32)
+        shape = (BATCH_SIZES[model_name], 3, 32, 32)
+    elif model_name == "wrn_28_10":
+        from samkit.models import create_model
+
+        # --quick uses WRN-10-1 so the smoke run stays fast; the JSON records the real size
+        model = create_model("wrn_10_1" if quick else "WideResnet28x10", num_classes=10)
+        shape = (BATCH_SIZES[model_name], 3, 32, 32)
     else:
         raise ValueError(model_name)
     x = torch.randn(shape)
-    y = torch.randint(0, 10, (BATCH,))
+    y = torch.randint(0, 10, (shape[0],))
     return model.to(device).train(), x.to(device), y.to(device)
 
 
@@ -802,8 +812,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=str(ROOT / "benchmarks/results/overhead.json"))
     p.add_argument(
         "--models",
-        default="small_cnn,mlp_30m",
-        help="comma-separated subset of small_cnn,mlp_30m",
+        default="small_cnn,mlp_30m,wrn_28_10",
+        help="comma-separated subset of small_cnn,mlp_30m,wrn_28_10",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
@@ -853,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             "rho": RHO,
             "esam_beta": BETA,
             "esam_gamma": GAMMA,
-            "batch_size": BATCH,
+            "batch_size": BATCH_SIZES,
             "api": {
                 "sam": "raw SAM.first_step / second_step",
                 "sam_helper": "samkit.train.step.SharpnessAwareStep",
