@@ -78,3 +78,59 @@ def no_default_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Pat
         fashion_mnist, "DEFAULT_SEARCH_DIRS", ("~/.cache/samkit/fashion_mnist", str(system))
     )
     return [home / ".cache/samkit/fashion_mnist", system]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def spawn_workers():
+    """Run ``python SCRIPT RANK PORT OUTDIR`` for each rank, bounded in time; return their
+    ``OUTDIR/rank{r}.pt`` results. A worker that fails or hangs fails the test (never hangs it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    def run(script: Path, outdir: Path, world: int = 2, timeout: float = 120.0) -> list:
+        src = Path(__file__).resolve().parents[1] / "src"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env["OMP_NUM_THREADS"] = "1"
+        port = _free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(rank), str(port), str(outdir)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for rank in range(world)
+        ]
+        deadline = time.monotonic() + timeout
+        logs = []
+        try:
+            for p in procs:
+                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                logs.append(out)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"workers of {script.name} did not finish within {timeout} s")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for rank, (p, log) in enumerate(zip(procs, logs)):
+            assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log}"
+        return [torch.load(Path(outdir) / f"rank{r}.pt") for r in range(world)]
+
+    return run

@@ -10,11 +10,7 @@ hang); they write their results to ``tmp_path`` and the comparison happens here.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
 import sys
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -161,49 +157,6 @@ def global_sam():
 # -- the test -----------------------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(outdir):
-    src = Path(__file__).resolve().parents[2] / "src"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env["OMP_NUM_THREADS"] = "1"
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(port), str(outdir)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            logs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"DDP workers did not finish within {TIMEOUT} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log}"
-    return [torch.load(Path(outdir) / f"rank{r}.pt") for r in range(WORLD)]
-
-
 def assert_equal_list(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
@@ -220,8 +173,8 @@ def assert_close_list(a, b, atol=1e-10):
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available",
 )
-def test_ddp_local_perturbation_equals_m_sharpness_and_skips_together(tmp_path):
-    r0, r1 = run_workers(tmp_path)
+def test_ddp_local_perturbation_equals_m_sharpness_and_skips_together(tmp_path, spawn_workers):
+    r0, r1 = spawn_workers(Path(__file__), tmp_path, world=WORLD, timeout=TIMEOUT)
     ref = reference()
     assert_equal_list(r0["init"], r1["init"])
     assert_equal_list(r0["init"], ref["init"])

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -31,6 +32,7 @@ class SharpnessAwareOptimizer(Optimizer):
         defaults: dict[str, Any],
         foreach: bool | None,
         base_kwargs: dict[str, Any],
+        shard_group: Any = None,
     ) -> None:
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -64,6 +66,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.foreach = foreach
+        self.shard_group = shard_group
         self.skipped_steps = 0
         self.last_grad_norm: Tensor | None = None
         self._backup: dict[Tensor, Tensor] = {}
@@ -110,7 +113,18 @@ class SharpnessAwareOptimizer(Optimizer):
     def grad_norm(self) -> Tensor:
         """Global L2 norm (float32 at least) of the current gradients of all parameters."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return F.global_norm(grads, foreach=self._foreach(grads))
+        return self._global_norm(grads, self._foreach(grads))
+
+    def _global_norm(self, tensors: list[Tensor], foreach: bool) -> Tensor:
+        """L2 norm over all tensors; over all shards too when the parameters are sharded."""
+        norm = F.global_norm(tensors, foreach=foreach)
+        if self.shard_group is None or self.shard_group is False:
+            return norm
+        group = None if self.shard_group is True else self.shard_group
+        device = tensors[0].device if tensors else norm.device
+        squared = norm.to(device, torch.float64).square()  # collectives need the backend's device
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
+        return squared.sqrt().to(norm.dtype)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, max_grad_norm: float | None = None) -> bool:

@@ -44,6 +44,11 @@ class SAM(SharpnessAwareOptimizer):
 
     Non-finite gradients in either pass skip the whole step (weights and optimizer state untouched):
     ``second_step`` returns False, ``skipped_steps`` counts it and a ``RuntimeWarning`` is issued.
+
+    With parameters sharded across ranks (FSDP), pass ``shard_group`` (a process group, or True
+    for the default one): norms are then summed over the shards, so the perturbation equals the
+    unsharded one. Under DDP (replicated parameters) leave it None: each replica perturbs with its
+    own gradient, the paper's m-sharpness.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class SAM(SharpnessAwareOptimizer):
         eps: float = 1e-12,
         foreach: bool | None = None,
         ascent_steps: int = 1,
+        shard_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
         if not (math.isfinite(rho) and rho >= 0.0):
@@ -72,7 +78,7 @@ class SAM(SharpnessAwareOptimizer):
             raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
         self.norm, self.eps, self.ascent_steps = float(norm), eps, ascent_steps
         defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta)
-        super().__init__(params, base_optimizer, defaults, foreach, base_kwargs)
+        super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group)
         self._ascent_y: list[list[Tensor]] = []
 
     @torch.no_grad()
@@ -112,7 +118,7 @@ class SAM(SharpnessAwareOptimizer):
             t = F.abs_plus(clean, group["adaptive_eta"], foreach=fe) if group["adaptive"] else None
             scalings.append(t)
             directions.append(grads if t is None else F.mul(t, grads, foreach=fe))
-        grad_norm = F.global_norm([u for us in directions for u in us], foreach=fe)
+        grad_norm = self._global_norm([u for us in directions for u in us], fe)
         if not torch.isfinite(grad_norm):
             self._failed_pass = self._failed_pass or ("first" if first else "ascent")
             if first:
@@ -134,7 +140,7 @@ class SAM(SharpnessAwareOptimizer):
             coef, base = 1.0, self._ascent_y
             flat = [y for ys in base for y in ys]
             if self.norm == 2.0:
-                y_norm = F.global_norm(flat, foreach=fe).item()
+                y_norm = self._global_norm(flat, fe).item()
                 if y_norm > 1.0:
                     F.scale_(flat, 1.0 / y_norm, foreach=fe)
             else:
