@@ -153,6 +153,33 @@ def test_interpolation_endpoints_and_restoration(data):
         interpolation_curve(model, loss_fn, data, state_a, {"0.weight": state_b["0.weight"]}, ts)
 
 
+def test_interpolation_from_the_models_own_state_and_extrapolated_bn_variance(data):
+    """``state_a = model.state_dict()`` shares storage with the weights being overwritten: the
+    curve must not change because of it. Far outside [0, 1] a running variance extrapolates below
+    zero; it is clamped at 0 instead of turning the loss into NaN."""
+    loss_fn = nn.CrossEntropyLoss()
+    a, b = conv_net(1), conv_net(2)
+    with torch.no_grad():
+        b[1].running_var.copy_(torch.tensor([0.1, 4.0, 0.5, 1.0]))
+        a[1].running_var.copy_(torch.tensor([1.0, 0.2, 0.5, 1.0]))
+    ts = np.array([-2.0, 0.0, 0.5, 1.0, 3.0])
+    own = interpolation_curve(a, loss_fn, data, a.state_dict(), b.state_dict(), ts)
+    copied = interpolation_curve(conv_net(3), loss_fn, data, snapshot(a), snapshot(b), ts)
+    assert np.array_equal(own, copied)
+    assert own[1] == evaluate_loss(a, loss_fn, data) and own[3] == evaluate_loss(b, loss_fn, data)
+    assert np.isfinite(own).all()
+    # at t = 3 the variance of channel 0 would be -2 * 1.0 + 3 * 0.1 < 0: clamped to 0
+    manual = conv_net(3)
+    sa, sb = snapshot(a), snapshot(b)
+    extrapolated = {
+        k: -2.0 * sa[k] + 3.0 * sb[k] if sa[k].is_floating_point() else sa[k] for k in sa
+    }
+    extrapolated["1.running_var"] = extrapolated["1.running_var"].clamp(min=0.0)
+    assert extrapolated["1.running_var"][0] == 0.0
+    manual.load_state_dict(extrapolated)
+    assert own[4] == pytest.approx(evaluate_loss(manual, loss_fn, data), rel=1e-6)
+
+
 def test_plots_are_written(tmp_path):
     alphas, betas = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
     surf = 1.0 + np.add.outer(betas**2, 2 * alphas**2)

@@ -210,8 +210,12 @@ def interpolation_curve(
     """``f[i] = L(w(ts[i]))`` with ``w(t) = (1 - t) w_a + t w_b`` on every floating-point entry of
     the state dicts (weights AND buffers such as BatchNorm running statistics; integer buffers such
     as ``num_batches_tracked`` are taken from ``state_a``). ``t`` may leave ``[0, 1]``
-    (extrapolation). ``t = 0`` and ``t = 1`` reproduce ``w_a`` and ``w_b`` bit-exactly. ``model``
-    supplies the architecture; its own state is restored afterwards."""
+    (extrapolation); there a BatchNorm running variance (an entry named ``*running_var``) can
+    extrapolate below zero, which would make the loss NaN, so it is clamped at 0 (BatchNorm adds
+    its ``eps``); inside ``[0, 1]`` the clamp never acts. ``t = 0`` and ``t = 1`` reproduce
+    ``w_a`` and ``w_b`` bit-exactly. ``model`` supplies the architecture; its own state is
+    restored afterwards. ``state_a`` / ``state_b`` may be the model's own ``state_dict()``
+    (they are copied first)."""
     batch_list = as_batch_list(batches)
     weights = batch_weights(batch_list)
     live = model.state_dict(keep_vars=True)
@@ -221,8 +225,12 @@ def interpolation_curve(
             raise KeyError(f"{name} lacks entries of the model's state dict: {missing[:5]}")
     ta = np.asarray(ts, dtype=np.float64).reshape(-1)
     out = np.empty(ta.size, dtype=np.float64)
+    # Copies: a state dict of ``model`` itself shares storage with the tensors overwritten below.
     pairs = {
-        k: (state_a[k].detach().to(v.device, v.dtype), state_b[k].detach().to(v.device, v.dtype))
+        k: (
+            state_a[k].detach().to(v.device, v.dtype, copy=True),
+            state_b[k].detach().to(v.device, v.dtype, copy=True),
+        )
         for k, v in live.items()
     }
     with _restored(model), eval_mode(model), torch.no_grad():
@@ -231,6 +239,8 @@ def interpolation_curve(
                 wa, wb = pairs[k]
                 if v.is_floating_point():  # exact at t = 0 and t = 1
                     v.copy_(torch.add(wa * (1.0 - float(t)), wb, alpha=float(t)))
+                    if k.endswith("running_var"):
+                        v.clamp_(min=0.0)
                 else:
                     v.copy_(wa)
             out[i] = float(mean_loss(model, loss_fn, batch_list, weights))
