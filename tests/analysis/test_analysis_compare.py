@@ -103,6 +103,37 @@ def test_samkit_train_key_names_and_missing_keys(tmp_path):
     assert comparison_table(load_runs([bare])).splitlines()[-1] == "| bare | - | - | - | - |"
 
 
+def test_alternative_key_spellings_and_partial_epochs(tmp_path):
+    """Per-epoch accuracy only, ``lr``, ``images_per_sec`` per epoch; a partial epoch record
+    replaced by the resumed run's full record of that epoch is not counted twice."""
+    run = write_run(
+        tmp_path / "run",
+        [
+            dict(epoch=1, test_accuracy=0.7, lr=0.1, images_per_sec=100.0, wall_seconds=5.0),
+            dict(epoch=2, test_accuracy=0.1, lr=0.05, images_per_sec=1.0, partial_epoch=True),
+            dict(epoch=2, test_accuracy=0.8, lr=0.05, images_per_sec=300.0, wall_seconds=20.0),
+        ],
+    )
+    data = load_run(run)
+    assert len(data.metrics) == 2
+    assert data.curve("test_error_rate") == ([1.0, 2.0], [pytest.approx(0.3), pytest.approx(0.2)])
+    assert data.curve("learning_rate") == ([1.0, 2.0], [0.1, 0.05])
+    row = run_row(data)
+    assert row["final_test_error"] == pytest.approx(0.2)
+    assert row["best_test_error"] == pytest.approx(0.2)
+    assert row["images_per_sec"] == 200.0 and row["time_sec"] == 20.0
+    assert set(plot_run_curves([data], tmp_path / "png")) == {"test_error_rate", "learning_rate"}
+    # a partial last epoch (stopped, not resumed) is kept: it is the latest information
+    stopped = write_run(
+        tmp_path / "stopped",
+        [
+            dict(epoch=1, test_error_rate=0.3),
+            dict(epoch=2, test_error_rate=0.25, partial_epoch=True),
+        ],
+    )
+    assert run_row(load_run(stopped))["final_test_error"] == 0.25
+
+
 def test_names_are_made_unique(tmp_path):
     a = write_run(tmp_path / "rho_0" / "seed_0", [{"epoch": 1}])
     b = write_run(tmp_path / "rho_0.05" / "seed_0", [{"epoch": 1}])

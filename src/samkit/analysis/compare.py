@@ -4,18 +4,26 @@ A run directory holds ``metrics.jsonl`` (one JSON object per line, one per epoch
 as ``epoch``, ``test_error_rate``, ``train_loss``, ``learning_rate``, ``images_per_sec``,
 ``elapsed_sec``) and optionally ``summary.json`` (``final_test_error_rate``,
 ``best_test_error_rate``, ``total_time_sec``, ``images_per_sec``, ``config``, ...). Missing keys
-are shown as ``-``. The columns fall back on equivalent keys, in this order:
+are shown as ``-``. A ``"partial_epoch": true`` record (a run stopped mid-epoch) is dropped when
+a later record of the same or a later epoch follows (the run was resumed). The columns fall back
+on equivalent keys, in this order:
 
 - final test error: ``final_test_error_rate``; ``1 - final_test_accuracy``; the last epoch's
-  ``test_error_rate``;
+  test error;
 - best test error: ``best_test_error_rate``; ``1 - best_test_accuracy``; the minimum over epochs of
-  ``test_error_rate``;
-- time: ``total_time_sec``; ``wall_seconds``; the last epoch's ``elapsed_sec`` / ``wall_seconds``;
-- images/s: ``images_per_sec`` in the summary; the mean over epochs of ``images_per_sec`` /
-  ``train_images_per_second``.
+  the test error;
+- time: ``total_time_sec``; ``wall_seconds``; ``time_sec``; the last epoch's ``elapsed_sec`` /
+  ``wall_seconds``;
+- images/s: ``images_per_sec`` / ``train_images_per_second`` / ``images_per_second`` in the
+  summary; the mean over epochs of the first of these keys the epochs record.
+
+The test error of an epoch is its ``test_error_rate`` (or ``test_error``), else
+``1 - test_accuracy``; its learning rate ``learning_rate`` (or ``lr``).
 
 (``samkit train`` writes ``final_test_error_rate``, ``best_test_accuracy``, ``wall_seconds`` and
-per-epoch ``train_images_per_second``, which the fallbacks cover.)
+per-epoch ``test_error_rate``, ``test_accuracy``, ``learning_rate`` and
+``train_images_per_second``, which the fallbacks cover; ``best_test_error_rate`` and
+``images_per_sec`` are read as well.)
 """
 
 from __future__ import annotations
@@ -53,6 +61,13 @@ COLUMNS: dict[str, str] = {
     "images_per_sec": "images/s",
 }
 
+#: Equivalent per-epoch keys, first match wins (see the module docstring).
+TEST_ERROR_KEYS = ("test_error_rate", "test_error")
+LEARNING_RATE_KEYS = ("learning_rate", "lr")
+SPEED_KEYS = ("images_per_sec", "train_images_per_second", "images_per_second")
+SUMMARY_TIME_KEYS = ("total_time_sec", "wall_seconds", "time_sec")
+EPOCH_TIME_KEYS = ("elapsed_sec", "wall_seconds")
+
 #: Curves drawn by :func:`plot_run_curves`: metric key -> (file stem, y label, scale to apply).
 CURVES: dict[str, tuple[str, str, float]] = {
     "test_error_rate": ("test_error", "test error (%)", 100.0),
@@ -87,6 +102,33 @@ class RunData:
             ys.append(y)
         return xs, ys
 
+    def first_series(self, keys: Sequence[str]) -> tuple[list[float], list[float]]:
+        """:meth:`series` of the first of ``keys`` that any record holds (empty if none does)."""
+        for key in keys:
+            xs, ys = self.series(key)
+            if ys:
+                return xs, ys
+        return [], []
+
+    def test_errors(self) -> tuple[list[float], list[float]]:
+        """``(epochs, test error rates)``: ``test_error_rate`` / ``test_error``, else
+        ``1 - test_accuracy``."""
+        xs, ys = self.first_series(TEST_ERROR_KEYS)
+        if ys:
+            return xs, ys
+        xs, acc = self.series("test_accuracy")
+        return xs, [1.0 - a for a in acc]
+
+    def curve(self, key: str) -> tuple[list[float], list[float]]:
+        """The per-epoch series plotted for ``key``, with the equivalent keys resolved."""
+        if key == "test_error_rate":
+            return self.test_errors()
+        if key == "learning_rate":
+            return self.first_series(LEARNING_RATE_KEYS)
+        if key == "images_per_sec":
+            return self.first_series(SPEED_KEYS)
+        return self.series(key)
+
 
 def _number(value: Any) -> float | None:
     """A finite float, or None for anything else (missing, null, NaN, a string...)."""
@@ -119,7 +161,22 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             records.append(rec)
     if not records:
         raise RunDirError(f"no metrics: {path} has no records")
-    return records
+    return _drop_superseded_partials(records)
+
+
+def _drop_superseded_partials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop ``"partial_epoch": true`` records (a run stopped mid-epoch) that a later record of the
+    same or a later epoch replaces (the run was resumed), so each epoch is counted once."""
+    epochs = [_number(r.get("epoch")) for r in records]
+    kept = []
+    for i, (rec, e) in enumerate(zip(records, epochs)):
+        later = epochs[i + 1 :]
+        if rec.get("partial_epoch") is True and any(
+            e is not None and x is not None and x >= e for x in later
+        ):
+            continue
+        kept.append(rec)
+    return kept
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
@@ -188,8 +245,8 @@ def run_row(run: RunData) -> dict[str, Any]:
     """The table row of a run: ``name`` and the :data:`COLUMNS` values (error rates as fractions,
     None where unknown), with the fallbacks of the module docstring."""
     s, last = run.summary, run.metrics[-1]
-    _, errors = run.series("test_error_rate")
-    speeds = run.series("images_per_sec")[1] or run.series("train_images_per_second")[1]
+    _, errors = run.test_errors()
+    _, speeds = run.first_series(SPEED_KEYS)
     return {
         "name": run.name,
         "final_test_error": _first(
@@ -203,13 +260,12 @@ def run_row(run: RunData) -> dict[str, Any]:
             min(errors) if errors else None,
         ),
         "time_sec": _first(
-            _number(s.get("total_time_sec")),
-            _number(s.get("wall_seconds")),
-            _number(last.get("elapsed_sec")),
-            _number(last.get("wall_seconds")),
+            *(_number(s.get(k)) for k in SUMMARY_TIME_KEYS),
+            *(_number(last.get(k)) for k in EPOCH_TIME_KEYS),
         ),
         "images_per_sec": _first(
-            _number(s.get("images_per_sec")), sum(speeds) / len(speeds) if speeds else None
+            *(_number(s.get(k)) for k in SPEED_KEYS),
+            sum(speeds) / len(speeds) if speeds else None,
         ),
     }
 
@@ -266,7 +322,7 @@ def plot_run_curves(
     written: dict[str, Path] = {}
     for key in metrics:
         stem, label, scale = CURVES.get(key, (key, key, 1.0))
-        series = [(run.name, run.series(key)) for run in runs]
+        series = [(run.name, run.curve(key)) for run in runs]
         if not any(ys for _, (_, ys) in series):
             continue
         fig = new_figure((6.0, 4.0))
