@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
+    from samkit.analysis.commands import add_analysis_commands
+
+    add_analysis_commands(sub)  # hessian, sharpness, landscape, compare
     return parser
 
 
