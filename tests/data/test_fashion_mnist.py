@@ -1,4 +1,4 @@
-"""Fashion-MNIST IDX parsing, data location, the in-memory data set and the batch loader."""
+"""Fashion-MNIST IDX parsing, data location, and the data set as build_datasets serves it."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import torch
 from samkit.data import (
     MEAN,
     STD,
+    DataFormatError,
     DataNotFoundError,
-    FashionMNIST,
     IDXFormatError,
     TensorBatchLoader,
     augment_batch,
+    build_datasets,
     find_data_dir,
     load_fashion_mnist,
+    make_loader,
     read_idx,
 )
 
@@ -186,12 +188,13 @@ def test_missing_data_names_every_path(no_default_data, tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError) as info:
         find_data_dir()
     message = str(info.value)
-    for path in [env_dir, *no_default_data]:
+    searched = [env_dir, env_dir / "fashion_mnist", *no_default_data]
+    for path in searched:
         assert str(path) in message
     assert "$SAMKIT_DATA" in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--data-dir" in message
-    assert info.value.searched == [env_dir, *no_default_data]
+    assert info.value.searched == searched
     assert "\n" not in message
 
 
@@ -217,6 +220,23 @@ def test_search_order(no_default_data, fmnist_dir, tmp_path, monkeypatch, idx):
     assert find_data_dir(other) == other
 
 
+def test_shared_data_roots(no_default_data, tmp_path, monkeypatch, idx):
+    # $SAMKIT_DATA and --data-dir may be the root of all data sets: <root>/fashion_mnist.
+    root = tmp_path / "datasets"
+    idx.write_fashion_mnist(root / "fashion_mnist")
+    monkeypatch.setenv("SAMKIT_DATA", str(root))
+    assert find_data_dir() == root / "fashion_mnist"
+    assert find_data_dir(root) == root / "fashion_mnist"
+    monkeypatch.delenv("SAMKIT_DATA")
+    x, _ = load_fashion_mnist("test", root)
+    assert x.shape == (32, 28, 28)
+
+
+def test_error_classes():
+    assert issubclass(IDXFormatError, DataFormatError) and issubclass(IDXFormatError, ValueError)
+    assert issubclass(DataNotFoundError, FileNotFoundError)
+
+
 def test_incomplete_directory_is_skipped(no_default_data, tmp_path, monkeypatch, idx):
     cache, system = no_default_data
     idx.write_fashion_mnist(system)
@@ -237,16 +257,19 @@ def test_incomplete_directory_is_skipped(no_default_data, tmp_path, monkeypatch,
 
 def test_dataset_normalisation_and_subset(fmnist_dir, idx):
     arrays = idx.write_fashion_mnist(fmnist_dir, n_train=20, n_test=5)
-    ds = FashionMNIST("train", fmnist_dir, subset=8)
-    assert len(ds) == 8
-    assert ds.images.shape == (8, 1, 28, 28) and ds.images.dtype == torch.float32
-    assert ds.labels.dtype == torch.int64
+    train, test, info = build_datasets(
+        "fashion_mnist", data_dir=fmnist_dir, train_subset=8, image_level="none"
+    )
+    assert (info.num_classes, info.in_channels, info.train_size, info.eval_size) == (10, 1, 8, 5)
+    assert train.images.shape == (8, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64
+    assert train.labels.tolist() == arrays["train_labels"][:8].tolist()
+    x, y = next(iter(make_loader(train, 8, train=False)))
     expected = (torch.from_numpy(arrays["train_images"][:8]).float() / 255 - MEAN) / STD
-    torch.testing.assert_close(ds.images[:, 0], expected)
-    x, y = ds[3]
-    assert x.shape == (1, 28, 28) and int(y) == 3
-    raw = FashionMNIST("test", fmnist_dir, normalize=False)
-    assert float(raw.images.min()) >= 0.0 and float(raw.images.max()) <= 1.0
+    torch.testing.assert_close(x[:, 0], expected)
+    assert y.tolist() == arrays["train_labels"][:8].tolist()
+    x, y = next(iter(make_loader(test, 100, train=False)))
+    assert x.shape == (5, 1, 28, 28) and y.tolist() == arrays["test_labels"].tolist()
 
 
 def test_loader_covers_each_example_once_and_is_seeded():

@@ -127,3 +127,29 @@ def test_dataset_subset_and_labels():
         InMemoryDataset(torch.zeros(2, 3, 32, 32), torch.zeros(2), dataset="cifar10")
     x, y = ds[3]
     assert x.shape == (3, 32, 32) and int(y) == 3
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_resume_mid_epoch_yields_the_same_batches(batched):
+    ds = _dataset(n=42, batch_level="cutout")
+    full = [(x.clone(), y.clone()) for x, y in make_loader(ds, 8, train=True, seed=3, epoch=2)]
+    next_epoch = _collect(make_loader(ds, 8, train=True, seed=3, epoch=3, batched=batched))
+    loader = make_loader(ds, 8, train=True, seed=3, batched=batched)
+    loader.set_epoch(2, start_batch=3)
+    rest = list(loader)
+    assert len(rest) == 2
+    for (x, y), (fx, fy) in zip(rest, full[3:]):
+        assert torch.equal(y, fy)
+        if batched:  # the per-sample path augments differently from the batched one
+            assert torch.equal(x, fx)
+    if not batched:
+        whole = make_loader(ds, 8, train=True, seed=3, epoch=2, batched=False)
+        for (x, _), (fx, _) in zip(rest, list(whole)[3:]):
+            assert torch.equal(x, fx)
+    # The pass after a resumed one is the next epoch, from its first batch.
+    x, y = _collect(loader)
+    assert torch.equal(x, next_epoch[0]) and torch.equal(y, next_epoch[1])
+    loader.set_epoch(2, start_batch=len(loader))
+    assert list(loader) == []
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(0, start_batch=-1)

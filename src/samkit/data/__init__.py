@@ -1,12 +1,21 @@
-"""Data sets (Fashion-MNIST, CIFAR, SVHN, ImageNet, image folders), augmentations, loaders."""
+"""Data sets (Fashion-MNIST, CIFAR, SVHN, ImageNet, image folders), augmentations, loaders.
+
+The entry points are :func:`build_datasets` and :func:`make_loader`. Errors: every loader raises
+:class:`DataNotFoundError` (naming the paths searched) or a :class:`DataFormatError` (naming the
+file; ``IDXFormatError`` is the Fashion-MNIST one).
+"""
 
 from samkit.data.cifar import download_cifar, load_cifar
-from samkit.data.common import DataFormatError, UnsafePickleError, split_holdout
+from samkit.data.common import (
+    DataFormatError,
+    DataNotFoundError,
+    UnsafePickleError,
+    split_holdout,
+)
 from samkit.data.fashion_mnist import (
     CLASSES,
     MEAN,
     STD,
-    DataNotFoundError,
     FashionMNIST,
     IDXFormatError,
     TensorBatchLoader,

@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samkit.data.fashion_mnist import DataNotFoundError
-
 __all__ = [
     "DataFormatError",
     "DataNotFoundError",
@@ -36,6 +34,15 @@ __all__ = [
 
 class DataFormatError(ValueError):
     """A data file is truncated, corrupt or not what was expected (the message names it)."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set was not found in any of the searched directories (``searched`` lists them,
+    the message names them and says how to get the data)."""
+
+    def __init__(self, message: str, searched: Sequence[Path]):
+        super().__init__(message)
+        self.searched = list(searched)
 
 
 class UnsafePickleError(DataFormatError):

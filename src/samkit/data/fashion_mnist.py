@@ -18,11 +18,13 @@ import gzip
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from samkit.data.common import DataFormatError, DataNotFoundError
 
 __all__ = [
     "CLASSES",
@@ -66,7 +68,7 @@ CLASSES = (
 MEAN = 0.2860
 STD = 0.3530
 
-#: Search order after ``--data-dir`` and ``$SAMKIT_DATA``.
+#: Search order after ``--data-dir``, ``$SAMKIT_DATA`` and ``$SAMKIT_DATA/fashion_mnist``.
 DEFAULT_SEARCH_DIRS = (
     "~/.cache/samkit/fashion_mnist",
     "/usr/share/datasets/fashion-mnist",
@@ -85,16 +87,8 @@ _SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 _IMAGE_SHAPE = (28, 28)
 
 
-class IDXFormatError(ValueError):
+class IDXFormatError(DataFormatError):
     """An IDX file is truncated, corrupt or not what was expected."""
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The data set was not found in any of the searched directories."""
-
-    def __init__(self, message: str, searched: Sequence[Path]):
-        super().__init__(message)
-        self.searched = list(searched)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,13 +163,18 @@ def read_idx(
 
 
 def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Path, str]]:
-    """The directories searched, in order, each with where it came from."""
+    """The directories searched, in order, each with where it came from.
+
+    ``$SAMKIT_DATA`` is tried itself (as this loader always did) and then as the shared data root
+    of all data sets, ``$SAMKIT_DATA/fashion_mnist``, as the other loaders use it.
+    """
     out: list[tuple[Path, str]] = []
     if data_dir is not None:
         out.append((Path(data_dir).expanduser(), "--data-dir"))
     env = os.environ.get("SAMKIT_DATA")
     if env:
         out.append((Path(env).expanduser(), "$SAMKIT_DATA"))
+        out.append((Path(env).expanduser() / "fashion_mnist", "$SAMKIT_DATA"))
     for d in DEFAULT_SEARCH_DIRS:
         out.append((Path(d).expanduser(), "default"))
     return out
@@ -192,13 +191,18 @@ def _file_in(directory: Path, name: str) -> Path | None:
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The first directory holding all four Fashion-MNIST files.
 
-    Order: ``data_dir`` (``--data-dir``), ``$SAMKIT_DATA``, ``~/.cache/samkit/fashion_mnist``,
-    ``/usr/share/datasets/fashion-mnist``. An explicitly given ``data_dir`` that lacks the files
-    is an error even if a later directory has them, so that a typo is not silently ignored.
+    Order: ``data_dir`` (``--data-dir``; its ``fashion_mnist`` subfolder also counts, so one
+    data root can serve every data set), ``$SAMKIT_DATA``, ``$SAMKIT_DATA/fashion_mnist``,
+    ``~/.cache/samkit/fashion_mnist``, ``/usr/share/datasets/fashion-mnist``. An explicitly
+    given ``data_dir`` that lacks the files is an error even if a later directory has them, so
+    that a typo is not silently ignored.
     """
     searched = candidate_dirs(data_dir)
     if data_dir is not None:
         searched = searched[:1]
+        sub = searched[0][0] / "fashion_mnist"
+        if all(_file_in(sub, name) is not None for name in FILES.values()):
+            return sub
     notes = []
     for directory, origin in searched:
         missing = [name for name in FILES.values() if _file_in(directory, name) is None]

@@ -11,16 +11,20 @@
   processes.
 
 Both are deterministic given ``(seed, epoch)``: the order is a permutation drawn from a generator
-seeded with ``(seed, epoch)``; the batched path draws its augmentation from another such
-generator, and the per-sample path seeds the global torch RNG for every sample from a seed drawn
-per sample index (inside :func:`torch.random.fork_rng`, so the caller's RNG is untouched). The
-augmentation of a sample therefore does not depend on the number of workers. As with
-``TensorBatchLoader``, every ``__iter__`` starts the next epoch (``set_epoch`` sets it).
+seeded with ``(seed, epoch)``; the batched path draws the augmentation of batch ``k`` from a
+generator seeded with ``(seed, epoch, k)``, and the per-sample path seeds the global torch RNG for
+every sample from a seed drawn per sample index (inside :func:`torch.random.fork_rng`, so the
+caller's RNG is untouched). The augmentation of a sample therefore does not depend on the number
+of workers, and an epoch can be resumed at any batch: ``set_epoch(epoch, start_batch=k)`` makes
+the next ``__iter__`` yield exactly the batches ``k, k + 1, ...`` that a full pass over that
+epoch yields (this is how ``samkit train`` resumes mid-epoch). Every ``__iter__`` starts the next
+epoch (``set_epoch`` sets it).
 """
 
 from __future__ import annotations
 
 import copy
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -166,13 +170,19 @@ class _EpochMixin:
     epoch: int
     train: bool
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next ``__iter__`` is epoch ``epoch``, starting at its batch ``start_batch``."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, not {start_batch}")
         self.epoch = epoch
+        self._start_batch = start_batch
 
-    def _next_epoch(self) -> int:
-        epoch = self.epoch
+    def _next_epoch(self) -> tuple[int, int]:
+        """``(epoch, first batch)`` of this pass; later passes start at batch 0."""
+        epoch, start = self.epoch, getattr(self, "_start_batch", 0)
         self.epoch += 1
-        return epoch
+        self._start_batch = 0
+        return epoch, start
 
     def _order(self, n: int, epoch: int) -> torch.Tensor | None:
         if not self.train:
@@ -218,19 +228,20 @@ class BatchedLoader(_EpochMixin):
         return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self._next_epoch()
+        epoch, start = self._next_epoch()
         images, labels = self.dataset.tensors_on(self.device)
         n = labels.shape[0]
         order = self._order(n, epoch)
-        gen = generator(self.seed, epoch, _AUGMENT)
-        for k in range(len(self)):
+        for k in range(start, len(self)):
             lo, hi = k * self.batch_size, min(n, (k + 1) * self.batch_size)
             if order is None:
                 x, y = images[lo:hi], labels[lo:hi]
             else:
                 idx = order[lo:hi].to(self.device)
                 x, y = images[idx], labels[idx]
-            yield self.augment(x, gen if self.train else None), y
+            # One generator per batch: any batch can be reproduced without its predecessors.
+            gen = generator(self.seed, epoch, _AUGMENT, k) if self.train else None
+            yield self.augment(x, gen), y
 
 
 class _SeededView(Dataset):
@@ -254,6 +265,12 @@ class _SeededView(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(int(self.seeds[index]))
             return self._fetch(index)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: let the main process decide (``samkit train``
+    saves a checkpoint and stops) instead of the workers dying under it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class SampleLoader(_EpochMixin):
@@ -292,7 +309,7 @@ class SampleLoader(_EpochMixin):
         return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Any]:
-        epoch = self._next_epoch()
+        epoch, start = self._next_epoch()
         n = len(self.dataset)
         order = self._order(n, epoch)
         seeds = None
@@ -300,15 +317,20 @@ class SampleLoader(_EpochMixin):
             seeds = torch.randint(0, 2**62, (n,), generator=generator(self.seed, epoch, _AUGMENT))
         view = _SeededView(self.dataset, self.train, seeds)
         pin = self.device is not None and self.device.type == "cuda"
+        sampler = order.tolist() if order is not None else None
+        if start:  # resume mid-epoch: the same batches, minus the first ``start``
+            skip = min(n, start * self.batch_size)
+            sampler = sampler[skip:] if sampler is not None else list(range(skip, n))
         loader = DataLoader(
             view,
             batch_size=self.batch_size,
-            sampler=order.tolist() if order is not None else None,
+            sampler=sampler,
             num_workers=self.workers,
             drop_last=self.drop_last,
             pin_memory=pin,
             # Seeds the workers (base seed) without touching the global RNG.
             generator=generator(self.seed, epoch, _WORKERS),
+            worker_init_fn=_ignore_sigint if self.workers else None,
         )
         for batch in loader:
             if self.device is not None:

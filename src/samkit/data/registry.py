@@ -180,6 +180,7 @@ def build_datasets(
     batch_level: str = "none",
     cutout_length: int = 16,
     image_size: int | None = None,
+    holdout_seed: int | None = None,
 ) -> tuple[Any, Any, DatasetInfo]:
     """``(train_ds, eval_ds, info)`` for data set ``name``.
 
@@ -189,7 +190,9 @@ def build_datasets(
     Both are :class:`InMemoryDataset` (CIFAR, SVHN, Fashion-MNIST) or ``ImageFolderDataset``.
     ``eval_ds`` is the test set, or with ``use_test_set=False`` a holdout of
     ``holdout_fraction`` of the training set drawn with ``seed``. ``seed`` also draws the
-    label noise. ``image_size`` is the crop size of image folders (default 224).
+    label noise. ``holdout_seed`` (default: ``seed``) draws the holdout instead, so that runs
+    with different seeds can share one validation set. ``image_size`` is the crop size of image
+    folders (default 224).
 
     Raises ``ValueError`` for an unknown ``name`` (listing the known ones),
     :class:`~samkit.data.DataNotFoundError` when the files are not found (naming every path
@@ -218,7 +221,9 @@ def build_datasets(
     train_ds, eval_ds = splits.train, splits.test
     if not use_test_set:
         pool = len(train_ds) if splits.holdout_pool is None else splits.holdout_pool
-        _, val_idx = split_holdout(pool, holdout_fraction, seed)
+        _, val_idx = split_holdout(
+            pool, holdout_fraction, seed if holdout_seed is None else holdout_seed
+        )
         keep = torch.ones(len(train_ds), dtype=torch.bool)
         keep[val_idx] = False
         eval_ds = train_ds.subset(val_idx)
