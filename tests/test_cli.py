@@ -71,7 +71,7 @@ def test_bad_flags_exit_2_with_message(argv, message, capsys):
 def test_unknown_model_and_device(fmnist_dir, tmp_path, capsys):
     assert main(["train", "--model", "nope", "--data-dir", str(fmnist_dir)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("samkit train: error: --model: unknown model 'nope'")
+    assert err.startswith("samkit train: error: --model-name: unknown model 'nope'")
     assert "resnet_small" in err
     assert main(["train", "--device", "toaster"]) == 2
     assert "is not a torch device" in capsys.readouterr().err

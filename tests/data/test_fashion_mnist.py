@@ -15,8 +15,6 @@ from samkit.data import (
     DataFormatError,
     DataNotFoundError,
     IDXFormatError,
-    TensorBatchLoader,
-    augment_batch,
     build_datasets,
     find_data_dir,
     load_fashion_mnist,
@@ -270,49 +268,3 @@ def test_dataset_normalisation_and_subset(fmnist_dir, idx):
     assert y.tolist() == arrays["train_labels"][:8].tolist()
     x, y = next(iter(make_loader(test, 100, train=False)))
     assert x.shape == (5, 1, 28, 28) and y.tolist() == arrays["test_labels"].tolist()
-
-
-def test_loader_covers_each_example_once_and_is_seeded():
-    images = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
-    labels = torch.arange(10)
-    loader = TensorBatchLoader(images, labels, 4, shuffle=True, seed=5)
-    assert len(loader) == 3
-    epoch0 = [(x.clone(), y.clone()) for x, y in loader]
-    assert [len(y) for _, y in epoch0] == [4, 4, 2]
-    order0 = torch.cat([y for _, y in epoch0])
-    assert sorted(order0.tolist()) == list(range(10))
-    for x, y in epoch0:
-        assert x.view(-1).long().tolist() == y.tolist()  # images and labels stay paired
-    order1 = torch.cat([y for _, y in loader])
-    assert not torch.equal(order0, order1)  # a new permutation every epoch
-    again = TensorBatchLoader(images, labels, 4, shuffle=True, seed=5)
-    assert torch.equal(torch.cat([y for _, y in again]), order0)
-    again.set_epoch(1)
-    assert torch.equal(torch.cat([y for _, y in again]), order1)
-
-
-def test_loader_drop_last_and_sequential():
-    loader = TensorBatchLoader(torch.zeros(10, 1, 2, 2), torch.arange(10), 4, drop_last=True)
-    assert len(loader) == 2
-    assert [y.tolist() for _, y in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    with pytest.raises(ValueError, match="batch_size"):
-        TensorBatchLoader(torch.zeros(2, 1), torch.zeros(2), 0)
-
-
-def test_augment_batch_is_flip_plus_reflect_crop():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 2, 6, 5)
-    out = augment_batch(x, gen, padding=2)
-    assert out.shape == x.shape
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
-    padded_flipped = torch.nn.functional.pad(x.flip(3), (2, 2, 2, 2), mode="reflect")
-    for i in range(16):
-        found = any(
-            torch.equal(out[i], src[i, :, dy : dy + 6, dx : dx + 5])
-            for src in (padded, padded_flipped)
-            for dy in range(5)
-            for dx in range(5)
-        )
-        assert found, f"image {i} is not a flipped/unflipped crop of the padded input"
-    again = augment_batch(x, torch.Generator().manual_seed(0), padding=2)
-    assert torch.equal(out, again)

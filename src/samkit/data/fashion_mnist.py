@@ -1,4 +1,5 @@
-"""Fashion-MNIST from the original IDX gzip files, held in memory as tensors.
+"""Fashion-MNIST from the original IDX gzip files (``build_datasets("fashion_mnist")`` wraps them
+in an :class:`~samkit.data.loader.InMemoryDataset`).
 
 The IDX format (LeCun et al.) is a big-endian header followed by raw data::
 
@@ -18,7 +19,6 @@ import gzip
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +33,7 @@ __all__ = [
     "STD",
     "DEFAULT_SEARCH_DIRS",
     "DataNotFoundError",
-    "FashionMNIST",
     "IDXFormatError",
-    "TensorBatchLoader",
-    "augment_batch",
     "candidate_dirs",
     "find_data_dir",
     "load_fashion_mnist",
@@ -248,124 +245,3 @@ def load_fashion_mnist(
     if labels.size and int(labels.max()) >= len(CLASSES):
         raise IDXFormatError(f"{lbl_path}: label {int(labels.max())} out of range 0..9")
     return torch.from_numpy(images), torch.from_numpy(labels)
-
-
-# --------------------------------------------------------------------------------------------
-# In-memory data set and batching
-# --------------------------------------------------------------------------------------------
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 2) -> torch.Tensor:
-    """Random horizontal flip and random crop with ``padding`` px of reflect padding.
-
-    ``x`` is a float batch ``[B, C, H, W]``; every image gets its own flip and offset, drawn
-    from ``generator`` (on the CPU, so results do not depend on the device).
-    """
-    b, _, h, w = x.shape
-    flip = torch.rand(b, generator=generator) < 0.5
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    flip, dy, dx = flip.to(x.device), dy.to(x.device), dx.to(x.device)
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if padding == 0:
-        return x
-    xp = torch.nn.functional.pad(x, (padding,) * 4, mode="reflect")
-    rows = dy[:, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = dx[:, None] + torch.arange(w, device=x.device)  # [B, W]
-    bidx = torch.arange(b, device=x.device)[:, None, None]
-    # Index the channels-last view so that the advanced indices come first: [B, H, W, C].
-    out = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
-class FashionMNIST(torch.utils.data.Dataset):
-    """One split of Fashion-MNIST as a normalised float tensor ``[N, 1, 28, 28]`` in memory.
-
-    ``images`` / ``labels`` hold the whole split; indexing returns ``(image, label)`` so it also
-    works with a :class:`torch.utils.data.DataLoader`, but :class:`TensorBatchLoader` is much
-    faster on the CPU. ``subset`` keeps only the first ``subset`` examples.
-    """
-
-    def __init__(
-        self,
-        split: str = "train",
-        data_dir: str | os.PathLike[str] | None = None,
-        *,
-        normalize: bool = True,
-        subset: int | None = None,
-    ):
-        self.root = find_data_dir(data_dir)
-        images, labels = load_fashion_mnist(split, self.root)
-        if subset is not None:
-            images, labels = images[:subset], labels[:subset]
-        x = images.unsqueeze(1).float().div_(255.0)
-        if normalize:
-            x = x.sub_(MEAN).div_(STD)
-        self.split = split
-        self.images = x
-        self.labels = labels.long()
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.labels[i]
-
-
-class TensorBatchLoader:
-    """Batches of ``(images, labels)`` cut from in-memory tensors.
-
-    With ``shuffle`` each epoch uses a permutation drawn from a generator seeded with
-    ``seed + epoch`` (the epoch counts calls to ``__iter__``, or is set with :meth:`set_epoch`),
-    so the data order is reproducible and independent of any global RNG. ``augment`` applies
-    :func:`augment_batch` with the same per-epoch generator.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        drop_last: bool = False,
-        augment: bool = False,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError("images and labels differ in length")
-        self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = labels.to(self.device)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = self.labels.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        n = self.labels.shape[0]
-        order = torch.randperm(n, generator=gen) if self.shuffle else None
-        for k in range(len(self)):
-            lo, hi = k * self.batch_size, min(n, (k + 1) * self.batch_size)
-            if order is None:
-                x, y = self.images[lo:hi], self.labels[lo:hi]
-            else:
-                idx = order[lo:hi].to(self.device)
-                x, y = self.images[idx], self.labels[idx]
-            if self.augment:
-                x = augment_batch(x, gen)
-            yield x, y

@@ -3,7 +3,8 @@
 The contract with ``samkit train``: ``config.json`` holds every resolved setting, at least
 ``model_name``, ``num_classes``, ``in_channels`` and ``dataset`` (optionally ``model_kwargs``);
 ``checkpoints/`` holds files written by ``samkit.train.checkpoint.save_checkpoint`` whose state has
-the model's ``state_dict`` under ``"model"``.
+the model's ``state_dict`` under ``"model"`` (and, for runs with ``--ema-decay``, the averaged
+weights under ``"ema"``; ``load_run_model(..., use_ema=...)`` picks them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class LoadedRun:
     run_dir: Path
     checkpoint_path: Path
     state: dict[str, Any]
+    used_ema: bool = False
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -59,8 +61,14 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, Path | None]:
     raise FileNotFoundError(f"{path}: no such run directory or checkpoint file")
 
 
-def load_run_model(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedRun:
-    """Rebuild a run's model from its config and load the given (or latest good) checkpoint."""
+def load_run_model(
+    path: str | os.PathLike, map_location: Any = "cpu", *, use_ema: bool | None = False
+) -> LoadedRun:
+    """Rebuild a run's model from its config and load the given (or latest good) checkpoint.
+
+    ``use_ema``: False loads the trained weights (``"model"``); True the exponential moving
+    average (``"ema"``, an error if the run kept none); None the EMA if present, else the model.
+    """
     from samkit.models import create_model  # models import torchvision lazily; keep this light
 
     run_dir, checkpoint = resolve_run(path)
@@ -83,12 +91,16 @@ def load_run_model(path: str | os.PathLike, map_location: Any = "cpu") -> Loaded
         in_channels=config["in_channels"],
         **config.get("model_kwargs", {}),
     )
+    has_ema = state.get("ema") is not None
+    if use_ema and not has_ema:
+        raise CheckpointError(f"{checkpoint}: holds no EMA weights (the run had no --ema-decay)")
+    used_ema = bool(has_ema and use_ema is not False)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["ema" if used_ema else "model"])
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(
             f"{checkpoint}: weights do not fit model {config['model_name']!r} ({exc})"
         ) from None
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
-    return LoadedRun(model, config, run_dir, checkpoint, state)
+    return LoadedRun(model, config, run_dir, checkpoint, state, used_ema)
