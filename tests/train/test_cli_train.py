@@ -404,7 +404,11 @@ def test_rerun_of_a_finished_run_resumes_and_changed_settings_are_refused(data, 
     assert "--batch-size 8 -> 16" in err and "--sam-rho 0.05 -> 0.1" in err
     # ... those that do not are fine (threads, progress, evaluation batch size).
     assert train(*argv, "--eval-batch-size", "7", "--threads", "2") == 0
-    # --no-resume starts over.
+    # --no-resume starts over, but only once the new run is set up: a failure keeps the old run.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = [*TINY, "--data-dir", empty, "--run-dir", run, "--no-resume"]
+    assert train(*bad) == 2 and len(list((run / "checkpoints").glob("*.pt"))) == 1
     assert train(*argv, "--batch-size", "16", "--no-resume") == 0
     assert "discarded" in capsys.readouterr().out
     assert read_json(run / "summary.json")["steps"] == 8

@@ -459,17 +459,20 @@ class _Run:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _check_existing_run(self) -> None:
-        """Refuse to resume a run whose settings differ; discard it with --no-resume."""
+    def _discard_existing_run(self) -> None:
+        """--no-resume: delete the run directory's checkpoints (once the new run is set up)."""
         existing = list_checkpoints(self.ckpt_dir)
-        if not existing:
-            return
-        if not self.cfg.resume:
-            for path in existing:
-                path.unlink(missing_ok=True)
+        for path in existing:
+            path.unlink(missing_ok=True)
+        if existing:
             for path in (self.run_dir / METRICS_FILE, self.run_dir / SUMMARY_FILE):
                 path.unlink(missing_ok=True)
             self.log(f"--no-resume: discarded {len(existing)} checkpoint(s) in {self.ckpt_dir}")
+
+    def _check_existing_run(self) -> None:
+        """Refuse to resume a run whose settings differ."""
+        existing = list_checkpoints(self.ckpt_dir)
+        if not existing:
             return
         config_path = self.run_dir / CONFIG_FILE
         try:
@@ -798,7 +801,7 @@ class _Run:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        if cfg.resume or list_checkpoints(self.ckpt_dir):
+        if cfg.resume:
             self._check_existing_run()
         self._build_data()
         self.bootstrap_record = None
@@ -810,6 +813,8 @@ class _Run:
             latest = load_latest_checkpoint(self.ckpt_dir, map_location=self.device)
             if latest is not None:
                 self._load_state(*latest)
+        else:
+            self._discard_existing_run()
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
