@@ -70,6 +70,7 @@ def worker(rank, port, outdir):
         results = {case: run(halves, *case) for case in CASES}
         bounds = [(h.start, h.stop) for h in halves]  # weights_only loading refuses slices
         torch.save({"halves": bounds, "results": results}, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other is still talking to it
     finally:
         dist.destroy_process_group()
 
