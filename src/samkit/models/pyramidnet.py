@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from samkit.models._init import init_residual_network
 from samkit.models.registry import register_model
 
 __all__ = ["PyramidNet", "ShakeDrop", "ShakeDropFunction", "shake_drop"]
@@ -175,14 +176,7 @@ class PyramidNet(nn.Module):
         self.units = nn.Sequential(*units)
         self.bn = nn.BatchNorm2d(in_ch)
         self.fc = nn.Linear(in_ch, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_residual_network(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.units(self.stem(x))))

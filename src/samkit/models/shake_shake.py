@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from samkit.models._init import init_residual_network
 from samkit.models.registry import register_model
 
 __all__ = ["ShakeShakeBlock", "ShakeShakeFunction", "ShakeShakeResNet", "shake_shake"]
@@ -143,14 +144,7 @@ class ShakeShakeResNet(nn.Module):
                 in_ch = out_ch
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(in_ch, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_residual_network(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.blocks(self.stem(x)))
