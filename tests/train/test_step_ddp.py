@@ -123,6 +123,14 @@ def worker(rank, port, outdir):
             out = acc_step(*local(SAM_STEPS + 1 + j, rank))
             assert out.took_step is (True if j == ACC - 1 else None)
         res["acc"] = weights(net)
+
+        # sync_perturbations: the first-pass gradients are all-reduced too (global perturbation)
+        net2 = make_net()
+        ddp2 = nn.parallel.DistributedDataParallel(net2)
+        step2 = SharpnessAwareStep(ddp2, make_sam(net2), per_sample_ce, sync_perturbations=True)
+        for t in range(SAM_STEPS):
+            assert step2(*local(t, rank)).took_step is True
+        res["sync"] = weights(net2)
         torch.save(res, Path(outdir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -187,6 +195,10 @@ def test_ddp_local_perturbation_equals_m_sharpness_and_skips_together(tmp_path, 
     # ... and NOT equal to one global perturbation (the comparison discriminates)
     glob = global_sam()
     assert max((a - b).abs().max().item() for a, b in zip(r0["sam"], glob)) > 1e-8
+    # (b') with sync_perturbations the replicas equal single-process SAM on the global batch
+    assert_equal_list(r0["sync"], r1["sync"])
+    assert_close_list(r0["sync"], glob)
+    assert max((a - b).abs().max().item() for a, b in zip(r0["sync"], ref["sam"])) > 1e-8
 
     # (c) a non-finite first pass on rank 0 only: both ranks skip, nothing changes
     for r in (r0, r1):

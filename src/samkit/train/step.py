@@ -17,7 +17,9 @@
   gradient, i.e. on the second-pass gradients; perturbations stay per micro-batch.
 * DDP / FSDP: the whole first pass (forward included) runs under ``model.no_sync()``; only the last
   second-pass backward of an optimizer step all-reduces. A skip decided on one replica is taken by
-  all.
+  all. So each replica perturbs with its own local gradient (m-sharpness with m = per-replica
+  batch, the SAM paper's setting); ``sync_perturbations=True`` instead all-reduces the first-pass
+  gradients too, so every replica uses the perturbation of the global batch.
 
 Any other optimizer gets one plain pass with the same AMP, accumulation and clipping.
 """
@@ -71,6 +73,7 @@ class SharpnessAwareStep:
         amp: str = "none",
         bn_stats: str = "first",
         replay_rng: bool = True,
+        sync_perturbations: bool = False,
     ) -> None:
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"m (m-sharpness chunk size) must be a positive integer, got {m!r}")
@@ -93,6 +96,7 @@ class SharpnessAwareStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.m, self.accumulation_steps, self.max_grad_norm = m, accumulation_steps, max_grad_norm
         self.bn_stats, self.replay_rng = bn_stats, replay_rng
+        self.sync_perturbations = bool(sync_perturbations)
         self.device = next(model.parameters()).device
         self.amp_dtype = AMP_DTYPES[amp]
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
@@ -137,7 +141,8 @@ class SharpnessAwareStep:
         esam = isinstance(opt, ESAM)
         accumulated = self._take_grads()  # the SAM-gradient sum so far, kept out of the first pass
         rng = self._rng_state()
-        with opt.swp() if esam else contextlib.nullcontext(), self._pass("first", None):
+        first = self._pass("first", None, sync=self.sync_perturbations)
+        with opt.swp() if esam else contextlib.nullcontext(), first:
             out = self.model(x)
             per_sample = self.loss_fn(out, y)
             if esam and per_sample.ndim != 1 and opt.gamma < 1.0:
