@@ -3,6 +3,7 @@ weights, the guarded base step, and checkpoints. The ascent itself lives in ``sa
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -136,7 +137,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self.unperturb()
         grad_norm = self.grad_norm()
         self.last_grad_norm = grad_norm
-        failed = self._failed_pass or (None if torch.isfinite(grad_norm) else "second")
+        norm_value = grad_norm.item()  # the one device sync of this step
+        failed = self._failed_pass or (None if math.isfinite(norm_value) else "second")
         self._failed_pass = None
         if failed:
             self.skipped_steps += 1
@@ -147,11 +149,11 @@ class SharpnessAwareOptimizer(Optimizer):
                 stacklevel=2,
             )
         else:
-            if max_grad_norm is not None and grad_norm.item() > max_grad_norm:
+            if max_grad_norm is not None and norm_value > max_grad_norm:
                 grads = [
                     p.grad for g in self.param_groups for p in g["params"] if p.grad is not None
                 ]
-                coef = max_grad_norm / (grad_norm.item() + 1e-6)
+                coef = max_grad_norm / (norm_value + 1e-6)
                 F.scale_(grads, coef, foreach=self._foreach(grads))
             self.base_optimizer.step()
             self._opt_called = True  # tells an LR scheduler attached to this object a step ran

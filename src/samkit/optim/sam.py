@@ -118,8 +118,8 @@ class SAM(SharpnessAwareOptimizer):
             t = F.abs_plus(clean, group["adaptive_eta"], foreach=fe) if group["adaptive"] else None
             scalings.append(t)
             directions.append(grads if t is None else F.mul(t, grads, foreach=fe))
-        grad_norm = self._global_norm([u for us in directions for u in us], fe)
-        if not torch.isfinite(grad_norm):
+        grad_norm = self._global_norm([u for us in directions for u in us], fe).item()  # 1 sync
+        if not math.isfinite(grad_norm):
             self._failed_pass = self._failed_pass or ("first" if first else "ascent")
             if first:
                 self._perturbed = []  # nothing has moved yet; the backups are stale
@@ -127,7 +127,7 @@ class SAM(SharpnessAwareOptimizer):
                 self.unperturb()
             return False
         if self.norm == 2.0:  # y = coef * base, materialised only when kept for more steps
-            coef, base = 1.0 / (grad_norm.item() + self.eps), directions
+            coef, base = 1.0 / (grad_norm + self.eps), directions
         else:
             coef, base = 1.0, [F.sign(us, foreach=fe) for us in directions]
         if first:
