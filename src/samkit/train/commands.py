@@ -220,7 +220,18 @@ def add_train_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="M",
         type=positive_int,
         default=None,
-        help="m-sharpness: a separate perturbation per chunk of M samples (default: the batch)",
+        help="m-sharpness: a separate perturbation per chunk of M samples (default: the batch; "
+        "under torchrun each process's share of the batch)",
+    )
+    _add(
+        g,
+        "--sync-perturbations",
+        action=BoolFlag,
+        negatives=("--no-sync-perturbations",),
+        default=d.sync_perturbations,
+        help="under torchrun: all-reduce the first-pass gradients so every process perturbs with "
+        "the global batch's gradient (default: each process perturbs with its own share, "
+        "m = per-process batch, as the SAM paper)",
     )
     _add(
         g,
@@ -530,6 +541,15 @@ def add_train_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="show a progress bar (default: only on a terminal)",
     )
+    _add(
+        g,
+        "--dist-timeout",
+        metavar="S",
+        type=positive_float,
+        default=d.dist_timeout,
+        help="under torchrun: seconds a collective operation waits for the other processes "
+        "before the job fails",
+    )
     p.set_defaults(func=run_train)
     return p
 
@@ -628,6 +648,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sam_rho=rho,
         sam_m=args.sam_m,
         sam_adaptive=args.sam_adaptive,
+        sync_perturbations=args.sync_perturbations,
         esam_beta=args.esam_beta,
         esam_gamma=args.esam_gamma,
         esam_criterion=args.esam_criterion,
@@ -658,6 +679,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         threads=args.threads,
         tensorboard=args.tensorboard,
         progress=args.progress,
+        dist_timeout=args.dist_timeout,
     )
 
 
@@ -713,6 +735,16 @@ def run_train(args: argparse.Namespace) -> int:
         )
     except OSError as exc:  # e.g. an output directory that cannot be written
         return _fail("train", _os_error(exc), code=1)
+    except Exception as exc:
+        import os
+
+        if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        # Under torchrun: a clear one-line error and a nonzero exit, so that torchrun stops the
+        # other ranks (they fail in their next collective, or at --dist-timeout at the latest).
+        return _fail(
+            "train", f"rank {os.environ['RANK']}: {type(exc).__name__}: {exc}", code=1
+        )
     return 0
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     esam_gamma: float = 0.5
     esam_criterion: str = "sharpness"
     amp: str = "none"  # none | bf16 | fp16
+    sync_perturbations: bool = False  # torchrun: perturb with the global batch's gradient
     run_seed: int = 0
     # Data
     use_test_set: bool = True  # False: evaluate on a 10% holdout of the training set
@@ -70,6 +71,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
     tensorboard: bool = True
     progress: bool | None = None  # None: a progress bar only on a terminal
+    dist_timeout: float = 1800.0  # torchrun: seconds a collective may wait for the other ranks
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +112,7 @@ RESUME_IGNORED = frozenset(
         "threads",
         "tensorboard",
         "progress",
+        "dist_timeout",
         "evaluate_every",
         "compute_top_5_error_rate",
         "eval_batch_size",

@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from samkit.train import distributed as _dist
 from samkit.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -76,6 +77,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 #: Testing hook: seconds to sleep after every training step (lets a test kill a run mid-epoch).
 STEP_DELAY_ENV = "SAMKIT_TEST_STEP_DELAY"
+#: Testing hook: "RANK:STEP" makes that torchrun rank raise before that (1-based) step.
+FAIL_RANK_ENV = "SAMKIT_TEST_FAIL_RANK"
 
 
 class ConfigError(ValueError):
@@ -181,8 +184,13 @@ def evaluate_model(
     loader: Any,
     memory_format: torch.memory_format = torch.contiguous_format,
     top5: bool = False,
+    all_reduce: bool = False,
 ) -> dict[str, float]:
-    """Cross-entropy, error rate (and top-5 error rate) of ``model`` over ``loader``."""
+    """Cross-entropy, error rate (and top-5 error rate) of ``model`` over ``loader``.
+
+    ``all_reduce``: every process of the initialised process group evaluated its own shard; the
+    sums (loss, errors, count) are added up across processes so every process returns the result
+    over the union of the shards."""
     model.eval()
     total_loss, wrong, wrong5, count = 0.0, 0, 0, 0
     for x, y in loader:
@@ -193,6 +201,12 @@ def evaluate_model(
             k = min(5, logits.shape[1])
             wrong5 += (~(logits.topk(k, dim=1).indices == y[:, None]).any(1)).sum().item()
         count += y.numel()
+    if all_reduce:
+        device = next(model.parameters()).device
+        sums = torch.tensor([total_loss, wrong, wrong5, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total_loss = sums[0].item()
+        wrong, wrong5, count = (int(round(v)) for v in sums[1:].tolist())
     n = max(1, count)
     out = {
         "loss": total_loss / n,
@@ -408,14 +422,51 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict
     :class:`TrainingInterrupted` after SIGINT / SIGTERM (a checkpoint was saved) and
     :class:`~samkit.train.checkpoint.CheckpointError` when no checkpoint in the run is usable.
     """
+    info = _dist.from_env()
+    if info is not None and not info.is_main:
+        log = lambda msg: None  # noqa: E731 -- only rank 0 talks
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    created = False
     try:
-        return _Run(_resolve_paths(cfg), log).run()
+        if info is not None:
+            device = _device_for(cfg, info)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            created = _dist.init_process_group(info, device, cfg.dist_timeout)
+        return _Run(_resolve_paths(cfg), log, info).run()
     finally:
         torch.set_num_threads(threads_before)
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _device_for(cfg: TrainConfig, info: _dist.DistInfo | None) -> torch.device:
+    """``--device``; under torchrun a bare ``cuda`` means ``cuda:LOCAL_RANK``."""
+    device = torch.device(cfg.device)
+    if info is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+class _ShardView(torch.utils.data.Dataset):
+    """The examples ``indices`` of ``dataset`` (keeps ``get(index, train=)``)."""
+
+    def __init__(self, dataset: Any, indices: range):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, index: int, *, train: bool) -> Any:
+        get = getattr(self.dataset, "get", None)
+        i = self.indices[index]
+        return get(i, train=train) if get is not None else self.dataset[i]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
 
 
 class _EpochStats:
@@ -449,9 +500,15 @@ class _EpochStats:
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, log: Callable[[str], None]):
+    def __init__(
+        self, cfg: TrainConfig, log: Callable[[str], None], dist: _dist.DistInfo | None = None
+    ):
         self.cfg, self.log = cfg, log
-        self.device = torch.device(cfg.device)
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.world_size = 1 if dist is None else dist.world_size
+        self.device = _device_for(cfg, dist)
+        self.stop_signum: int | None = None  # under torchrun: the stop request all ranks agreed
         self.memory_format = memory_format_for(self.device)
         self.run_dir = run_dir_for(cfg)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
@@ -524,6 +581,18 @@ class _Run:
             raise ConfigError(f"--dataset {cfg.dataset}: the evaluation split has no examples")
         if len(train_ds) == 0:
             raise ConfigError(f"--dataset {cfg.dataset}: the training split has no examples")
+        if self.dist is not None:
+            world = self.dist.world_size
+            if cfg.batch_size % world:
+                raise ConfigError(
+                    f"--batch-size {cfg.batch_size}: the global batch is split evenly across the "
+                    f"{world} processes (WORLD_SIZE={world}); use a multiple of {world}"
+                )
+            if len(train_ds) < cfg.batch_size:
+                raise ConfigError(
+                    f"--batch-size {cfg.batch_size}: larger than the training set "
+                    f"({len(train_ds)} examples); under torchrun every step needs a full batch"
+                )
         self.info = info
         self.train_ds, self.eval_ds = train_ds, eval_ds
         self.eval_batch_size = default_eval_batch_size(cfg, info.in_memory)
@@ -645,14 +714,21 @@ class _Run:
                 losses = losses + l2 * torch.stack([p.square().sum() for p in params]).sum()
             return losses
 
+        step_model: nn.Module = model
+        if self.dist is not None:
+            step_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+        self.ddp_model = step_model
         self.step_fn = SharpnessAwareStep(
-            model,
+            step_model,
             optimizer,
             loss_fn,
             m=cfg.sam_m if cfg.sharpness_aware else None,
             max_grad_norm=cfg.gradient_clipping or None,
             amp=cfg.amp,
             bn_stats="first",  # BatchNorm running statistics from the first pass, as the seed
+            sync_perturbations=cfg.sync_perturbations,
         )
         self.train_loader = self._make_loader(
             self.train_ds,
@@ -662,8 +738,14 @@ class _Run:
             workers=cfg.workers,
             device=self.device,
         )
+        eval_ds = self.eval_ds
+        if self.dist is not None:  # each rank evaluates its own shard; the sums are all-reduced
+            shard = _dist.eval_shard(len(eval_ds), self.dist)
+            subset = getattr(eval_ds, "subset", None)
+            eval_ds = subset(torch.arange(shard.start, shard.stop)) if subset else None
+            eval_ds = eval_ds if eval_ds is not None else _ShardView(self.eval_ds, shard)
         self.eval_loader = self._make_loader(
-            self.eval_ds,
+            eval_ds,
             self.eval_batch_size,
             train=False,
             workers=cfg.workers,
@@ -704,6 +786,7 @@ class _Run:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "images_trained": self.images_trained,
+            "world_size": self.world_size,
             "rng": _rng_state(self.device),
             "config": self.cfg.to_dict(),
         }
@@ -713,6 +796,12 @@ class _Run:
             raise CheckpointError(
                 f"{path}: written for {state.get('steps_per_epoch')} steps per epoch, this run "
                 f"has {self.steps_per_epoch}; the data changed (use --no-resume to start over)"
+            )
+        if int(state.get("world_size", 1)) != self.world_size:
+            raise CheckpointError(
+                f"{path}: written by a run with {state.get('world_size', 1)} processes, this one "
+                f"has {self.world_size}; the perturbations (m = per-process batch) would change "
+                "(use --no-resume to start over)"
             )
         try:
             self.model.load_state_dict(state["model"])
@@ -736,9 +825,13 @@ class _Run:
         _set_rng_state(state["rng"], self.device)
         self.resumed_from = path
 
-    def _save(self) -> Path:
+    def _save(self) -> Path | None:
         """Write a checkpoint of the current position; a same-step one (written moments ago at the
-        same position, e.g. before an epoch-end evaluation) is replaced."""
+        same position, e.g. before an epoch-end evaluation) is replaced. Under torchrun only rank
+        0 writes (the ranks hold the same weights)."""
+        if not self.is_main:
+            self.last_save = time.monotonic()
+            return None
         same_step = [
             p
             for p in list_checkpoints(self.ckpt_dir)
@@ -794,6 +887,8 @@ class _Run:
         os.replace(tmp, self.run_dir / METRICS_FILE)
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with (self.run_dir / METRICS_FILE).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -813,21 +908,24 @@ class _Run:
             latest = load_latest_checkpoint(self.ckpt_dir, map_location=self.device)
             if latest is not None:
                 self._load_state(*latest)
-        else:
+        elif self.is_main:
             self._discard_existing_run()
+        if self.dist is not None:  # every rank has read the checkpoint before rank 0 writes one
+            torch.distributed.barrier()
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config()
-        record = getattr(self.train_ds, "label_noise", None)
-        if record is not None:
-            from samkit.data import save_label_noise
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+            record = getattr(self.train_ds, "label_noise", None)
+            if record is not None:
+                from samkit.data import save_label_noise
 
-            save_label_noise(record, self.run_dir)
-        if self.bootstrap_record is not None:
-            write_json(self.run_dir / "bootstrap.json", self.bootstrap_record)
-        self._write_history()
+                save_label_noise(record, self.run_dir)
+            if self.bootstrap_record is not None:
+                write_json(self.run_dir / "bootstrap.json", self.bootstrap_record)
+            self._write_history()
         self.scalars = _Scalars(
-            cfg.tensorboard,
+            cfg.tensorboard and self.is_main,
             self.run_dir,
             self.log,
             purge_step=self.global_step if self.resumed_from else None,
@@ -843,7 +941,14 @@ class _Run:
             f"{describe_optimizer(cfg)}, {cfg.dataset}: {len(self.train_ds):,} train / "
             f"{len(self.eval_ds):,} {'test' if cfg.use_test_set else 'holdout'} images, "
             f"{cfg.num_epochs} epochs x {self.steps_per_epoch} steps, device {self.device}, "
-            f"threads {torch.get_num_threads()}; {where}; run dir {self.run_dir}"
+            f"threads {torch.get_num_threads()}"
+            + (
+                f", {self.world_size} processes x {cfg.batch_size // self.world_size} images"
+                + (" (synced perturbations)" if cfg.sync_perturbations else "")
+                if self.dist is not None
+                else ""
+            )
+            + f"; {where}; run dir {self.run_dir}"
         )
         self.last_save = time.monotonic()
         self.stop_reason = "completed"
@@ -888,7 +993,7 @@ class _Run:
                         running = self.stats.loss_sum.item() / self.stats.seen
                         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
                         self.scalars.add({"learning_rate": self.schedule.lr()}, self.global_step)
-                    if self.signals.signum is not None:
+                    if self._stop_requested() is not None:
                         self._interrupted()
                     last = self.batch == self.steps_per_epoch
                     due = time.monotonic() - self.last_save >= cfg.save_progress_seconds
@@ -899,8 +1004,13 @@ class _Run:
                 if hasattr(batches, "close"):
                     batches.close()
             self._end_epoch()
-            if self.signals.signum is not None:
+            if self._stop_requested() is not None:
                 self._interrupted()
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asks to stop; under torchrun the one all ranks agreed on in the last
+        step (so that they all stop at the same step)."""
+        return self.signals.signum if self.dist is None else self.stop_signum
 
     def _max_steps_reached(self) -> bool:
         if self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps:
@@ -909,29 +1019,50 @@ class _Run:
         return False
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.dist is not None:  # this rank's share of the global batch
+            fail = os.environ.get(FAIL_RANK_ENV)
+            if fail and fail == f"{self.dist.rank}:{self.global_step + 1}":
+                raise RuntimeError(f"{FAIL_RANK_ENV}: injected failure at step {fail}")
+            share = _dist.local_slice(self.cfg.batch_size, self.dist)
+            x, y = x[share], y[share]
         self.schedule.apply()
         out = self.step_fn(x.contiguous(memory_format=self.memory_format), y)
         self.schedule.step()
         self.global_step += 1
         self.batch += 1
+        n = y.numel()
+        with torch.no_grad():
+            ce = F.cross_entropy(out.outputs.float(), y, reduction="sum").double()
+            wrong = (out.outputs.argmax(1) != y).sum()
+        if self.dist is not None:
+            # One small all-reduce per step: the epoch sums over the global batch (identical on
+            # every rank, so rank 0's checkpoint is right for all) and the stop request.
+            signum = self.signals.signum or 0
+            sums = torch.stack(
+                [ce, wrong.double(), ce.new_tensor(float(n)), ce.new_tensor(float(signum))]
+            )
+            torch.distributed.all_reduce(sums)
+            ce, wrong = sums[0], sums[1].round().long()
+            n = int(sums[2].item())
+            if sums[3].item() > 0:
+                self.stop_signum = signum or signal.SIGTERM
         if out.took_step:  # skipped steps (non-finite loss/gradients) are not averaged
             if self.ema is not None:
                 self.ema.update(self.model)
-            n = y.numel()
             stats = self.stats
             stats.seen += n
             self.images_trained += n
-            with torch.no_grad():
-                ce = F.cross_entropy(out.outputs.float(), y, reduction="sum")
-            stats.loss_sum += ce.double()
-            stats.wrong_sum += (out.outputs.argmax(1) != y).sum()
+            stats.loss_sum += ce
+            stats.wrong_sum += wrong
             if out.grad_norm is not None:
                 stats.grad_norm_sum += out.grad_norm.double()
                 stats.grad_norm_count += 1
 
     def _interrupted(self) -> None:
         path = self._save()
-        raise TrainingInterrupted(self.signals.signum, path)
+        signum = self._stop_requested()
+        assert signum is not None
+        raise TrainingInterrupted(signum, path)
 
     def _evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -939,8 +1070,16 @@ class _Run:
         if self.ema is not None:
             self.eval_copy.load_state_dict(self.ema.state_dict())
             model = self.eval_copy
+        if self.dist is not None:
+            # Rank 0's BatchNorm statistics (and EMA) are the checkpointed ones: evaluate those.
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
         result = evaluate_model(
-            model, self.eval_loader, self.memory_format, self.cfg.compute_top_5_error_rate
+            model,
+            self.eval_loader,
+            self.memory_format,
+            self.cfg.compute_top_5_error_rate,
+            all_reduce=self.dist is not None,
         )
         self.eval_seconds += time.perf_counter() - t0
         if not math.isfinite(result["loss"]):
@@ -1077,7 +1216,11 @@ class _Run:
             summary["best_test_top_5_error_rate"] = min(
                 r.get("test_top_5_error_rate", 1.0) for r in evaluated + [final]
             )
-        write_json(self.run_dir / SUMMARY_FILE, summary)
+        if self.dist is not None:
+            summary["world_size"] = self.world_size
+            summary["sync_perturbations"] = cfg.sync_perturbations
+        if self.is_main:
+            write_json(self.run_dir / SUMMARY_FILE, summary)
         stopped = " (stopped by --max-steps)" if self.stop_reason == "max_steps" else ""
         self.log(
             f"final test accuracy {final['test_accuracy']:.2%} (error "

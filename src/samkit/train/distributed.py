@@ -1,0 +1,76 @@
+"""``samkit train`` under ``torchrun``: the process group and the data shards.
+
+``torchrun --nproc_per_node N -m samkit train ...`` starts N processes with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR`` / ``MASTER_PORT``) in their environment.
+:func:`from_env` reads them; :func:`init_process_group` joins the group with NCCL when training
+on CUDA and gloo otherwise. The helpers below cut every rank's share out of a global batch or an
+evaluation set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "eval_shard", "from_env", "init_process_group", "local_slice"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> DistInfo | None:
+    """The torchrun environment, or None when not launched by torchrun (or with one process)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    if world <= 1:
+        return None
+    rank = int(os.environ["RANK"])
+    return DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(info: DistInfo, device: torch.device, timeout_seconds: float) -> bool:
+    """Join the torchrun group (env:// rendezvous); True if this call created it."""
+    if dist.is_initialized():
+        return False
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(
+        backend_for(device),
+        timeout=timedelta(seconds=timeout_seconds),
+        rank=info.rank,
+        world_size=info.world_size,
+        **kwargs,
+    )
+    return True
+
+
+def local_slice(batch_size: int, info: DistInfo) -> slice:
+    """This rank's rows of a global batch of ``batch_size`` (``batch_size % world == 0``)."""
+    per_rank = batch_size // info.world_size
+    return slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+
+
+def eval_shard(n: int, info: DistInfo) -> range:
+    """Contiguous, disjoint shards covering ``range(n)`` exactly: the first ``n % world`` ranks get
+    one example more; nothing is padded or repeated."""
+    base, extra = divmod(n, info.world_size)
+    start = info.rank * base + min(info.rank, extra)
+    return range(start, start + base + (1 if info.rank < extra else 0))

@@ -1,0 +1,238 @@
+"""``torchrun --nproc_per_node 2 -m samkit train`` end to end: gloo on 127.0.0.1, one thread per
+process, every launch under a hard timeout (the whole process group is killed on expiry).
+
+* 2 processes x b images per step == one process with ``--sam-m b`` on the same global batch
+  (per-replica perturbations), and ``--sync-perturbations`` == one process with plain SAM on the
+  global batch. The model (resnet_tiny) has BatchNorm: in training mode it normalises with the
+  statistics of each forward's batch, which is the same chunk of b images in both runs, so the
+  weights agree; only the running statistics differ (each replica tracks its own chunks; rank 0's
+  are checkpointed), and those are not compared.
+* One set of outputs (only rank 0 writes), exact sharded evaluation (33 test images: a ragged
+  17 / 16 split), resume of a killed job, and a rank that raises ends the job with an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from samkit.train.checkpoint import load_latest_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+NOBN_ENTRY = Path(__file__).resolve().with_name("nobn_entry.py")  # samkit + a model without BN
+TIMEOUT = 150.0
+COMMON = [
+    "--model-name", "resnet_tiny",
+    "--batch-size", "16",
+    "--num-epochs", "2",
+    "--threads", "1",
+    "--no-progress",
+    "--save-progress-seconds", "0",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    env.update(extra or {})
+    return env
+
+
+def _launch(
+    args: list[str], nproc: int, env: dict[str, str] | None = None, nobn: bool = False
+) -> subprocess.Popen:
+    target = [str(NOBN_ENTRY)] if nobn else ["-m", "samkit"]
+    if nproc == 1:
+        cmd = [sys.executable, *target, "train", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nproc_per_node", str(nproc), "--nnodes", "1",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            *target, "train", *args,
+        ]  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: killed as a whole
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        pytest.fail(f"the job did not finish within {timeout} s")
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    return proc.returncode, out
+
+
+def train(run_dir: Path, data: Path, extra: list[str], nproc: int, **kw) -> str:
+    """Run to completion (``extra`` may override COMMON's flags: argparse keeps the last)."""
+    code, out = _finish(
+        _launch([*COMMON, "--data-dir", str(data), "--run-dir", str(run_dir), *extra], nproc, **kw)
+    )
+    assert code == 0, out
+    return out
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path, state = load_latest_checkpoint(run_dir / "checkpoints")
+    return state["model"]
+
+
+def max_param_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    keys = [k for k in wa if "running_" not in k and "num_batches" not in k]
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in keys)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from conftest import write_fashion_mnist
+
+    directory = tmp_path_factory.mktemp("ddp") / "fmnist"
+    write_fashion_mnist(directory, n_train=64, n_test=33, seed=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp_runs")
+    out = {}
+    nobn = ["--model-name", "nobn_cnn"]
+    for name, extra, nproc in (
+        ("ddp", [], 2),
+        ("single_m8", ["--sam-m", "8"], 1),
+        ("single", [], 1),
+        ("nobn_ddp", nobn, 2),
+        ("nobn_ddp_sync", [*nobn, "--sync-perturbations"], 2),
+        ("nobn_single", nobn, 1),
+    ):
+        out[name] = root / name
+        train(out[name], data, extra, nproc, nobn=name.startswith("nobn"))
+    return out
+
+
+def test_ddp_equals_m_sharpness_with_m_per_process_batch(runs):
+    assert max_param_diff(runs["ddp"], runs["single_m8"]) < 1e-6
+    # the comparison discriminates: one global perturbation gives other weights
+    assert max_param_diff(runs["ddp"], runs["single"]) > 1e-5
+
+
+def test_sync_perturbations_equals_global_batch_sam(runs):
+    # Without BatchNorm (with it, each replica would normalise over its own 8 images, the
+    # single process over all 16: a different function; SyncBatchNorm is not implemented).
+    assert max_param_diff(runs["nobn_ddp_sync"], runs["nobn_single"]) < 1e-6
+    assert max_param_diff(runs["nobn_ddp_sync"], runs["nobn_ddp"]) > 1e-5
+
+
+def test_only_rank_0_writes_and_evaluation_is_exact(runs):
+    run = runs["ddp"]
+    names = sorted(p.name for p in run.iterdir())
+    assert [n for n in names if n.startswith("events.out.tfevents")].__len__() == 1
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= set(names)
+    assert not [n for n in names if n.startswith(".")]  # no temporary files left
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["images_trained"] == 2 * 64  # global batches, counted once
+    state = load_latest_checkpoint(run / "checkpoints")[1]
+    assert not any(k.startswith("module.") for k in state["model"])  # the unwrapped model
+
+    # the sharded, all-reduced evaluation equals one process evaluating the checkpoint
+    from samkit.train.evaluate import evaluate_run
+
+    ref = evaluate_run(run, split="test", device="cpu", threads=1)
+    assert metrics[-1]["test_error_rate"] == pytest.approx(ref["test_error_rate"], abs=1e-12)
+    assert metrics[-1]["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-5)
+    assert ref["num_examples"] == 33
+
+
+def test_resume_after_killing_the_job(runs, data, tmp_path):
+    run = tmp_path / "killed"
+    args = [*COMMON, "--data-dir", str(data), "--run-dir", str(run)]
+    proc = _launch(args, 2, env={"SAMKIT_TEST_STEP_DELAY": "0.4"})
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not list((run / "checkpoints").glob("ckpt-*.pt")) if run.exists() else True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        _kill_group(proc)  # SIGKILL torchrun and both workers mid-run
+    assert not (run / "summary.json").exists()
+    out = train(run, data, [], 2)
+    assert "resuming from" in out
+    assert max_param_diff(run, runs["ddp"]) == 0.0
+    w_a, w_b = weights(run), weights(runs["ddp"])
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a if "running_" not in k)
+
+
+def test_a_rank_that_raises_ends_the_job(data, tmp_path):
+    t0 = time.monotonic()
+    code, out = _finish(
+        _launch(
+            [*COMMON, "--data-dir", str(data), "--run-dir", str(tmp_path / "r"),
+             "--dist-timeout", "30"],
+            2,
+            env={"SAMKIT_TEST_FAIL_RANK": "1:3"},
+        ),
+        timeout=120,
+    )  # fmt: skip
+    assert code != 0
+    assert "rank 1: RuntimeError" in out and "injected failure" in out
+    assert time.monotonic() - t0 < 100
+
+
+def test_batch_size_must_split_evenly(data, tmp_path):
+    code, out = _finish(
+        _launch(
+            ["--data-dir", str(data), "--run-dir", str(tmp_path / "r"), "--batch-size", "15",
+             "--model-name", "resnet_tiny", "--threads", "1"],
+            2,
+        ),
+        timeout=120,
+    )  # fmt: skip
+    assert code != 0
+    assert "--batch-size 15" in out and "multiple of 2" in out
