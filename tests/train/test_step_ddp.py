@@ -132,6 +132,7 @@ def worker(rank, port, outdir):
             assert step2(*local(t, rank)).took_step is True
         res["sync"] = weights(net2)
         torch.save(res, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other is still talking to it
     finally:
         dist.destroy_process_group()
 

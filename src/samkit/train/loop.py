@@ -436,7 +436,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             created = _dist.init_process_group(info, device, cfg.dist_timeout)
-        return _Run(_resolve_paths(cfg), log, info).run()
+        summary = _Run(_resolve_paths(cfg), log, info).run()
+        if created:  # no rank tears gloo down while another is still talking to it
+            torch.distributed.barrier()
+        return summary
     finally:
         torch.set_num_threads(threads_before)
         if created:
