@@ -236,3 +236,46 @@ def test_batch_size_must_split_evenly(data, tmp_path):
     )  # fmt: skip
     assert code != 0
     assert "--batch-size 15" in out and "multiple of 2" in out
+
+
+def test_sync_perturbations_is_refused_with_esam(capsys):
+    import torch.nn.functional as F
+    from torch import nn
+
+    from samkit.cli import main
+    from samkit.optim import ESAM
+    from samkit.train import SharpnessAwareStep
+
+    net = nn.Linear(3, 2)
+    esam = ESAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    with pytest.raises(ValueError, match="sync_perturbations"):
+        SharpnessAwareStep(net, esam, F.cross_entropy, sync_perturbations=True)
+    assert main(["train", "--optimizer", "esam", "--sync-perturbations"]) == 2
+    assert "--sync-perturbations: not supported with --optimizer esam" in capsys.readouterr().err
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_and_saves(runs, data, tmp_path):
+    run = tmp_path / "terminated"
+    args = [*COMMON, "--data-dir", str(data), "--run-dir", str(run)]
+    proc = _launch(args, 2, env={"SAMKIT_TEST_STEP_DELAY": "0.4"})
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not list((run / "checkpoints").glob("ckpt-*.pt")) if run.exists() else True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
+        code, out = _finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    assert code != 0
+    assert out.count("interrupted by SIGTERM; checkpoint saved") == 1, out  # rank 0 only
+    saved = load_latest_checkpoint(run / "checkpoints")[1]
+    assert 0 < saved["global_step"] < 8  # stopped mid-run
+    assert "samkit train: error" not in out  # no rank was left waiting in a collective
+    out = train(run, data, [], 2)
+    assert "resuming from" in out
+    w_a, w_b = weights(run), weights(runs["ddp"])
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a if "running_" not in k)

@@ -597,6 +597,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         rho = 0.0
     elif rho is None:
         rho = TrainConfig.sam_rho
+    if args.sync_perturbations and optimizer == "esam":
+        raise UsageError(
+            "--sync-perturbations: not supported with --optimizer esam (its weight masks leave "
+            "parameters without first-pass gradients to synchronise); use --optimizer sam"
+        )
     if args.sam_m is not None and (optimizer == "sgd" or rho == 0):
         raise UsageError("--sam-m: m-sharpness needs --optimizer sam or esam with --sam-rho > 0")
 
@@ -721,10 +726,13 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDivergedError as exc:
         return _fail("train", str(exc), code=1)
     except TrainingInterrupted as exc:
-        print(
-            f"samkit train: {exc}; run the same command again to resume",
-            file=sys.stderr,
-        )
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks (and saves)
+            print(
+                f"samkit train: {exc}; run the same command again to resume",
+                file=sys.stderr,
+            )
         return 128 + exc.signum
     except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
         return _fail(

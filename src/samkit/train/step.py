@@ -89,6 +89,11 @@ class SharpnessAwareStep:
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if sync_perturbations and isinstance(optimizer, ESAM):
+            raise ValueError(
+                "sync_perturbations is not supported with ESAM: its weight masks leave parameters "
+                "without first-pass gradients, which a synchronised DDP backward cannot reduce"
+            )
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}")
         if bn_stats not in BN_STATS:
