@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -136,7 +137,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    code = args.func(args)
+    import torch.distributed as dist  # already imported by any command that could initialise it
+
+    if dist.is_available() and dist.is_initialized():
+        # Under torchrun: leave without the process group's C++ teardown, which races with the
+        # other ranks' exits and was seen to abort finished runs ("terminate called ...").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

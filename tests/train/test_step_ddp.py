@@ -10,6 +10,7 @@ hang); they write their results to ``tmp_path`` and the comparison happens here.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from datetime import timedelta
@@ -132,9 +133,15 @@ def worker(rank, port, outdir):
             assert step2(*local(t, rank)).took_step is True
         res["sync"] = weights(net2)
         torch.save(res, Path(outdir) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while the other is still talking to it
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Results are saved: leave without gloo's C++ teardown, which races with the other rank's
+    # exit and was seen to abort ("terminate called without an active exception", SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def reference():

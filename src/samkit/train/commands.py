@@ -750,9 +750,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise
         # Under torchrun: a clear one-line error and a nonzero exit, so that torchrun stops the
         # other ranks (they fail in their next collective, or at --dist-timeout at the latest).
-        return _fail(
-            "train", f"rank {os.environ['RANK']}: {type(exc).__name__}: {exc}", code=1
-        )
+        return _fail("train", f"rank {os.environ['RANK']}: {type(exc).__name__}: {exc}", code=1)
     return 0
 
 

@@ -429,7 +429,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    created = False
+    created = succeeded = False
     try:
         if info is not None:
             device = _device_for(cfg, info)
@@ -437,12 +437,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict
                 torch.cuda.set_device(device)
             created = _dist.init_process_group(info, device, cfg.dist_timeout)
         summary = _Run(_resolve_paths(cfg), log, info).run()
-        if created:  # no rank tears gloo down while another is still talking to it
+        if created:  # every rank is done before any leaves
             torch.distributed.barrier()
+        succeeded = True
         return summary
     finally:
         torch.set_num_threads(threads_before)
-        if created:
+        # After success the group stays up: the CLI leaves with os._exit, because gloo's C++
+        # teardown races with the other ranks' exits and can abort a finished run (SIGABRT).
+        if created and not succeeded:
             torch.distributed.destroy_process_group()
 
 
