@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -140,12 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = args.func(args)
     import torch.distributed as dist  # already imported by any command that could initialise it
 
-    if dist.is_available() and dist.is_initialized():
-        # Under torchrun: leave without the process group's C++ teardown, which races with the
-        # other ranks' exits and was seen to abort finished runs ("terminate called ...").
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if dist.is_available() and dist.is_initialized():  # under torchrun, after a finished run
+        from samkit.train.distributed import exit_without_teardown
+
+        exit_without_teardown(code)
     return code
 
 

@@ -5,7 +5,6 @@ holding the whole tensors. Two gloo processes on 127.0.0.1, bounded in time (``s
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from samkit.optim import SAM
+from samkit.train.distributed import exit_without_teardown
 
 WORLD = 2
 F64 = torch.float64
@@ -75,11 +75,7 @@ def worker(rank, port, outdir):
     except BaseException:
         dist.destroy_process_group()
         raise
-    # Results are saved: leave without gloo's C++ teardown, which races with the other rank's
-    # exit and was seen to abort ("terminate called without an active exception", SIGABRT).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)  # results are saved; see its docstring
 
 
 @pytest.mark.skipif(

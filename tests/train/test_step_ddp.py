@@ -10,7 +10,6 @@ hang); they write their results to ``tmp_path`` and the comparison happens here.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 from datetime import timedelta
@@ -24,6 +23,7 @@ from torch import nn
 
 from samkit.optim import SAM
 from samkit.train import SharpnessAwareStep
+from samkit.train.distributed import exit_without_teardown
 
 WORLD = 2
 B_LOCAL = 4  # samples per replica; the global batch has WORLD * B_LOCAL
@@ -137,11 +137,7 @@ def worker(rank, port, outdir):
     except BaseException:
         dist.destroy_process_group()
         raise
-    # Results are saved: leave without gloo's C++ teardown, which races with the other rank's
-    # exit and was seen to abort ("terminate called without an active exception", SIGABRT).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)  # results are saved; see its docstring
 
 
 def reference():
