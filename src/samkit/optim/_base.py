@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim import _functional as F
+from samkit.optim import _sharding
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -67,7 +67,16 @@ class SharpnessAwareOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.foreach = foreach
+        if shard_group not in (None, False) and any(
+            _sharding.is_dtensor(p) for g in self.param_groups for p in g["params"]
+        ):
+            raise ValueError(
+                "shard_group is for plain-tensor shards (FSDP1 flat parameters); DTensor "
+                "parameters (FSDP2 fully_shard) carry their sharding and are reduced over their "
+                "own mesh: leave shard_group None"
+            )
         self.shard_group = shard_group
+        self._keys: tuple[dict[Tensor, Any], dict[Any, torch.device]] | None = None
         self.skipped_steps = 0
         self.last_grad_norm: Tensor | None = None
         self._backup: dict[Tensor, Tensor] = {}
@@ -80,6 +89,7 @@ class SharpnessAwareOptimizer(Optimizer):
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
+        self._keys = None
 
     def _foreach(self, tensors: list[Tensor]) -> bool:
         use = True if self.foreach is None else self.foreach
@@ -98,34 +108,42 @@ class SharpnessAwareOptimizer(Optimizer):
         self._failed_pass = self._failed_pass or reason
 
     def _save_clean(self, params: list[Tensor], foreach: bool) -> None:
-        for p in params:
-            if p not in self._backup or self._backup[p].shape != p.shape:
-                self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-        F.copy_([self._backup[p] for p in params], params, foreach=foreach)
+        shards = [_sharding.local(p) for p in params]  # all arithmetic is on this rank's shard
+        for p, shard in zip(params, shards):
+            if p not in self._backup or self._backup[p].shape != shard.shape:
+                self._backup[p] = torch.empty_like(shard, memory_format=torch.preserve_format)
+        F.copy_([self._backup[p] for p in params], shards, foreach=foreach)
 
     @torch.no_grad()
     def unperturb(self) -> None:
         """Restore, in place, exactly the tensors that were perturbed (no-op when none)."""
         params = [p for _, ps in self._perturbed for p in ps]
         if params:
-            F.copy_(params, [self._backup[p] for p in params], foreach=self._foreach(params))
+            shards = [_sharding.local(p) for p in params]
+            F.copy_(shards, [self._backup[p] for p in params], foreach=self._foreach(shards))
         self._perturbed = []
+
+    def _local_grads(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters that have a gradient, and this rank's shard of each gradient."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return params, [_sharding.local(p.grad) for p in params]
 
     def grad_norm(self) -> Tensor:
         """Global L2 norm (float32 at least) of the current gradients of all parameters."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return self._global_norm(grads, self._foreach(grads))
+        params, grads = self._local_grads()
+        return self._global_norm(grads, params, self._foreach(grads))
 
-    def _global_norm(self, tensors: list[Tensor], foreach: bool) -> Tensor:
-        """L2 norm over all tensors; over all shards too when the parameters are sharded."""
-        norm = F.global_norm(tensors, foreach=foreach)
-        if self.shard_group is None or self.shard_group is False:
-            return norm
-        group = None if self.shard_group is True else self.shard_group
-        device = tensors[0].device if tensors else norm.device
-        squared = norm.to(device, torch.float64).square()  # collectives need the backend's device
-        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
-        return squared.sqrt().to(norm.dtype)
+    def _global_norm(self, tensors: list[Tensor], params: list[Tensor], foreach: bool) -> Tensor:
+        """L2 norm of ``tensors`` (local, one per ``params[i]``), over all shards when sharded."""
+        if self._keys is None:  # which process groups each parameter's norm is summed over
+            key_of, devices = {}, {}
+            for p in (p for g in self.param_groups for p in g["params"]):
+                key_of[p] = key = _sharding.reduce_key(p, self.shard_group)
+                devices.setdefault(key, p.device)  # collectives need the backend's device
+            self._keys = key_of, devices
+        key_of, devices = self._keys
+        keys = [key_of[p] for p in params]
+        return _sharding.global_norm(tensors, keys, devices, foreach=foreach)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, max_grad_norm: float | None = None) -> bool:
@@ -150,9 +168,7 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         else:
             if max_grad_norm is not None and norm_value > max_grad_norm:
-                grads = [
-                    p.grad for g in self.param_groups for p in g["params"] if p.grad is not None
-                ]
+                _, grads = self._local_grads()
                 coef = max_grad_norm / (norm_value + 1e-6)
                 F.scale_(grads, coef, foreach=self._foreach(grads))
             self.base_optimizer.step()
@@ -173,6 +189,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        self._keys = None
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
 

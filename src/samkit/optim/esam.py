@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim._base import ParamsT
+from samkit.optim._sharding import is_dtensor
 from samkit.optim.sam import SAM
 
 SDS_CRITERIA = ("sharpness", "loss")
@@ -70,6 +71,11 @@ class ESAM(SAM):
         if kwargs.get("ascent_steps", 1) != 1:
             raise ValueError("ESAM takes one ascent step; use SAM for ascent_steps > 1")
         super().__init__(params, base_optimizer, rho, **kwargs)
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise ValueError(
+                "ESAM with FSDP-sharded (DTensor) parameters is not supported: its weight masks "
+                "toggle requires_grad on sharded parameters; use SAM, or DDP for ESAM"
+            )
         self.beta, self.gamma, self.sds_criterion = beta, gamma, sds_criterion
         self.generator = torch.Generator().manual_seed(seed)
         self.last_kept_fraction = 1.0

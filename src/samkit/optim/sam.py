@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from samkit.optim import _functional as F
 from samkit.optim._base import ParamsT, SharpnessAwareOptimizer
+from samkit.optim._sharding import local
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -45,10 +46,11 @@ class SAM(SharpnessAwareOptimizer):
     Non-finite gradients in either pass skip the whole step (weights and optimizer state untouched):
     ``second_step`` returns False, ``skipped_steps`` counts it and a ``RuntimeWarning`` is issued.
 
-    With parameters sharded across ranks (FSDP), pass ``shard_group`` (a process group, or True
-    for the default one): norms are then summed over the shards, so the perturbation equals the
-    unsharded one. Under DDP (replicated parameters) leave it None: each replica perturbs with its
-    own gradient, the paper's m-sharpness.
+    With parameters sharded across ranks (FSDP) norms are summed over the shards, so the
+    perturbation equals the unsharded one: automatically for DTensor parameters (FSDP2
+    ``fully_shard``), over ``shard_group`` (a process group, or True for the default one) for
+    plain-tensor shards (FSDP1 flat parameters). Under DDP (replicated parameters) leave it None:
+    each replica perturbs with its own gradient, the paper's m-sharpness.
     """
 
     def __init__(
@@ -113,12 +115,17 @@ class SAM(SharpnessAwareOptimizer):
         fe = self._foreach(all_params)
         scalings, directions = [], []  # per group: T (or None) and T g (or g)
         for group, params in groups:
-            clean = params if first else [self._backup[p] for p in params]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            shards = [local(p) for p in params]  # FSDP: this rank's shard; the norm sums them
+            clean = shards if first else [self._backup[p] for p in params]
+            grads = [
+                local(p.grad) if p.grad is not None else torch.zeros_like(s)
+                for p, s in zip(params, shards)
+            ]
             t = F.abs_plus(clean, group["adaptive_eta"], foreach=fe) if group["adaptive"] else None
             scalings.append(t)
             directions.append(grads if t is None else F.mul(t, grads, foreach=fe))
-        grad_norm = self._global_norm([u for us in directions for u in us], fe).item()  # 1 sync
+        flat_directions = [u for us in directions for u in us]
+        grad_norm = self._global_norm(flat_directions, all_params, fe).item()  # the one sync
         if not math.isfinite(grad_norm):
             self._failed_pass = self._failed_pass or ("first" if first else "ascent")
             if first:
@@ -140,19 +147,22 @@ class SAM(SharpnessAwareOptimizer):
             coef, base = 1.0, self._ascent_y
             flat = [y for ys in base for y in ys]
             if self.norm == 2.0:
-                y_norm = self._global_norm(flat, fe).item()
+                y_norm = self._global_norm(flat, all_params, fe).item()
                 if y_norm > 1.0:
                     F.scale_(flat, 1.0 / y_norm, foreach=fe)
             else:
                 for y in flat:
                     y.clamp_(-1.0, 1.0)
-            F.copy_(all_params, [self._backup[p] for p in all_params], foreach=fe)
+            F.copy_(
+                [local(p) for p in all_params], [self._backup[p] for p in all_params], foreach=fe
+            )
         for (group, params), t, us in zip(groups, scalings, base):
             rho = group["rho"] * rho_factor * coef
+            shards = [local(p) for p in params]
             if t is None:
-                F.add_(params, us, alpha=rho, foreach=fe)
+                F.add_(shards, us, alpha=rho, foreach=fe)
             else:  # e = rho T y: for p = 2 that is rho T^2 g / ||T g||
-                F.addcmul_(params, t, us, value=rho, foreach=fe)
+                F.addcmul_(shards, t, us, value=rho, foreach=fe)
         self._ascent_y = base if self.ascent_steps > 1 else []
         return True
 

@@ -15,11 +15,15 @@
   perturbation and second-pass gradient, and the base step uses their average (SAM paper Sec. 4.1).
 * Gradient accumulation (``accumulation_steps``) and clipping (``max_grad_norm``) act on the SAM
   gradient, i.e. on the second-pass gradients; perturbations stay per micro-batch.
-* DDP / FSDP: the whole first pass (forward included) runs under ``model.no_sync()``; only the last
+* DDP: the whole first pass (forward included) runs under ``model.no_sync()``; only the last
   second-pass backward of an optimizer step all-reduces. A skip decided on one replica is taken by
   all. So each replica perturbs with its own local gradient (m-sharpness with m = per-replica
   batch, the SAM paper's setting); ``sync_perturbations=True`` instead all-reduces the first-pass
   gradients too, so every replica uses the perturbation of the global batch.
+* FSDP (``fully_shard`` / DTensor parameters, or ``FullyShardedDataParallel``): a rank holds only a
+  shard of each weight, so there is no per-replica perturbation; the first-pass gradient is
+  reduce-scattered and its norm summed over the shards, which gives exactly the global-batch
+  perturbation (``sync_perturbations`` is True; passing False is an error).
 
 Any other optimizer gets one plain pass with the same AMP, accumulation and clipping.
 """
@@ -37,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from samkit.optim import ESAM, SAM
+from samkit.optim import ESAM, SAM, _sharding
 from samkit.optim import _functional as F
 
 BN_STATS = ("first", "second", "both")
@@ -73,7 +77,7 @@ class SharpnessAwareStep:
         amp: str = "none",
         bn_stats: str = "first",
         replay_rng: bool = True,
-        sync_perturbations: bool = False,
+        sync_perturbations: bool | None = None,
     ) -> None:
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"m (m-sharpness chunk size) must be a positive integer, got {m!r}")
@@ -89,6 +93,20 @@ class SharpnessAwareStep:
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        fsdp = _fsdp_group(model, optimizer)
+        if fsdp is not None:
+            if sync_perturbations is False:
+                raise ValueError(
+                    "sync_perturbations=False is impossible with FSDP: each rank holds only a "
+                    "shard of the weights, so the perturbation is the global batch's; leave it "
+                    "None (or True)"
+                )
+            if isinstance(optimizer, ESAM):
+                raise ValueError(
+                    "ESAM with FSDP-sharded parameters is not supported (its weight masks toggle "
+                    "requires_grad on sharded parameters); use SAM, or DDP for ESAM"
+                )
+            sync_perturbations = True
         if sync_perturbations and isinstance(optimizer, ESAM):
             raise ValueError(
                 "sync_perturbations is not supported with ESAM: its weight masks leave parameters "
@@ -102,6 +120,8 @@ class SharpnessAwareStep:
         self.m, self.accumulation_steps, self.max_grad_norm = m, accumulation_steps, max_grad_norm
         self.bn_stats, self.replay_rng = bn_stats, replay_rng
         self.sync_perturbations = bool(sync_perturbations)
+        self._fsdp = fsdp is not None
+        self._shard_group = fsdp if fsdp not in (None, ()) else None
         self.device = next(model.parameters()).device
         self.amp_dtype = AMP_DTYPES[amp]
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
@@ -205,7 +225,8 @@ class SharpnessAwareStep:
             ("second", "first"),
             ("first", "second"),
         )
-        no_sync = getattr(self.model, "no_sync", None)
+        # FSDP1 has a no_sync too, but it would leave unsharded gradients behind: never use it.
+        no_sync = None if self._fsdp else getattr(self.model, "no_sync", None)
         bns = _batchnorms(self.model) if freeze_bn else []
         for bn in bns:  # batch statistics, running buffers untouched (see _BatchNorm.forward)
             bn.track_running_stats = False
@@ -251,8 +272,15 @@ class SharpnessAwareStep:
         opt, scaler = self.optimizer, self.grad_scaler
         if scaler is not None:
             scaler.unscale_(opt)
-        grads = [p.grad for p in self._params if p.grad is not None]
-        grad_norm = F.global_norm(grads, foreach=True)
+        params = [p for p in self._params if p.grad is not None]
+        grads = [_sharding.local(p.grad) for p in params]
+        keys = [_sharding.reduce_key(p, self._shard_group) for p in self._params]
+        grad_norm = _sharding.global_norm(
+            grads,
+            [_sharding.reduce_key(p, self._shard_group) for p in params],
+            {key: p.device for key, p in zip(keys, self._params)},
+            foreach=True,
+        )
         finite = bool(torch.isfinite(grad_norm).item())
         if self._distributed():
             flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
@@ -302,7 +330,7 @@ class SharpnessAwareStep:
     def _unscale_first_pass(self) -> None:
         if self.grad_scaler is None:
             return
-        grads = [p.grad for p in self._params if p.grad is not None]
+        grads = [_sharding.local(p.grad) for p in self._params if p.grad is not None]
         F.scale_(grads, 1.0 / self.grad_scaler.get_scale(), foreach=True)
 
     def _rng_state(self) -> list[Tensor]:
@@ -329,6 +357,26 @@ class SharpnessAwareStep:
         self._micro = int(state.get("micro", 0))
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def _fsdp_group(model: nn.Module, optimizer: Optimizer) -> Any:
+    """None without FSDP; else the group plain-tensor shards sum their norms over (``()`` when the
+    parameters are DTensors, which know their own mesh)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(_sharding.is_dtensor(p) for p in params):
+        return ()
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return None
+    if isinstance(model, FullyShardedDataParallel):
+        if isinstance(optimizer, SAM) and optimizer.shard_group in (None, False):
+            raise ValueError(
+                "FullyShardedDataParallel holds flat parameter shards: build SAM with "
+                "shard_group=True (or the FSDP process group) so its norms cover every shard"
+            )
+        return model.process_group
+    return None
 
 
 def _mean(losses: Tensor) -> Tensor:
