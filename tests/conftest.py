@@ -47,6 +47,19 @@ def write_fashion_mnist(
     return arrays
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Every test runs torch on one intra-op thread: the tests use tiny tensors, where thread
+    hand-off dominates, and on a busy 2-core machine several OpenMP threads make ops 5-40x slower
+    and erratic. Tests of ``--threads`` set their own value and check it is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def idx() -> SimpleNamespace:
     """The IDX writing helpers: ``idx.bytes``, ``idx.write``, ``idx.write_fashion_mnist``."""

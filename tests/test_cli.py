@@ -142,7 +142,7 @@ def test_train_subset_augment_and_tensorboard(fmnist_dir, tmp_path):
         "basic",
         "--no-progress",
         "--threads",
-        "1",
+        "2",
         "--data-dir",
         str(fmnist_dir),
         "--output-dir",
@@ -154,7 +154,7 @@ def test_train_subset_augment_and_tensorboard(fmnist_dir, tmp_path):
     directory = run_dir(tmp_path)
     summary = json.loads((directory / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["epochs_completed"] == 2
-    assert summary["num_threads"] == 1
+    assert summary["num_threads"] == 2  # --threads, not the test session's one thread
     assert len((directory / "metrics.jsonl").read_text().splitlines()) == 2
     assert any(p.name.startswith("events.out.tfevents") for p in directory.iterdir())
 

@@ -10,15 +10,6 @@ import torch.nn as nn
 from torch.func import functional_call, hessian
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run much faster (and steadier on a busy 2-core box) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclasses.dataclass
 class SmallProblem:
     model: nn.Module

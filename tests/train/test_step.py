@@ -30,16 +30,6 @@ MOMENTUM = 0.9
 # -- helpers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add OpenMP contention (BatchNorm 75 ms per call on a
-    loaded 2-core machine, against 0.05 ms with one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def per_sample_ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
 
