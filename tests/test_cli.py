@@ -156,7 +156,27 @@ def test_train_subset_augment_and_tensorboard(fmnist_dir, tmp_path):
     assert summary["steps"] == 6 and summary["epochs_completed"] == 2
     assert summary["num_threads"] == 2  # --threads, not the test session's one thread
     assert len((directory / "metrics.jsonl").read_text().splitlines()) == 2
-    assert any(p.name.startswith("events.out.tfevents") for p in directory.iterdir())
+    assert tensorboard_steps(directory)["test_error_rate"] == [3, 6]
+
+
+def tensorboard_steps(directory: Path) -> dict[str, list[int]]:
+    """tag -> steps logged, from the run's one TensorBoard event file."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (events,) = [p for p in directory.iterdir() if p.name.startswith("events.out.tfevents")]
+    steps: dict[str, list[int]] = {}
+    for event in EventFileLoader(str(events)).Load():
+        for value in event.summary.value:
+            steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+def test_tensorboard_keeps_the_scalars_logged_after_the_loop(fmnist_dir, tmp_path):
+    # --max-steps stops mid-epoch: that partial epoch is evaluated and logged after the loop
+    argv = ["train", *TINY, "--tensorboard", "--train-subset", "64", "--max-steps", "2"]
+    assert main([*argv, "--data-dir", str(fmnist_dir), "--output-dir", str(tmp_path)]) == 0
+    steps = tensorboard_steps(run_dir(tmp_path))
+    assert steps["test_error_rate"] == [2] and steps["train_loss"] == [2]
 
 
 def test_python_m_samkit_subprocess(fmnist_dir, tmp_path):

@@ -352,8 +352,11 @@ class _Scalars:
                     self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
+        # A closed SummaryWriter silently opens a new event file on the next add_scalar (and
+        # nothing closes that one): later scalars are dropped instead.
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def _versions() -> dict[str, str]:
@@ -962,9 +965,9 @@ class _Run:
             with _StopSignals() as signals:
                 self.signals = signals
                 self._loop()
-        finally:
+            return self._finish()
+        finally:  # after _finish, which logs the final evaluation
             self.scalars.close()
-        return self._finish()
 
     def _loop(self) -> None:
         cfg = self.cfg
