@@ -18,11 +18,11 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "convert_sync_batchnorm",
     "eval_shard",
     "exit_without_teardown",
     "from_env",
     "init_process_group",
-    "convert_sync_batchnorm",
     "local_slice",
     "sync_bn_supported",
 ]
