@@ -160,7 +160,7 @@ def test_ddp_equals_m_sharpness_with_m_per_process_batch(runs):
 
 def test_sync_perturbations_equals_global_batch_sam(runs):
     # Without BatchNorm (with it, each replica would normalise over its own 8 images, the
-    # single process over all 16: a different function; SyncBatchNorm is not implemented).
+    # single process over all 16: a different function; --sync-bn needs CUDA devices).
     assert max_param_diff(runs["nobn_ddp_sync"], runs["nobn_single"]) < 1e-6
     assert max_param_diff(runs["nobn_ddp_sync"], runs["nobn_ddp"]) > 1e-5
 
@@ -279,3 +279,43 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_and_saves(runs, d
     assert "resuming from" in out
     w_a, w_b = weights(run), weights(runs["ddp"])
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a if "running_" not in k)
+
+
+def test_sync_bn_is_refused_on_the_cpu_under_torchrun(data, tmp_path):
+    # torch.nn.SyncBatchNorm (and DDP with it) refuses CPU tensors; the job stops before the
+    # process group is set up, with one line naming the flag.
+    code, out = _finish(
+        _launch([*COMMON, "--data-dir", str(data), "--run-dir", str(tmp_path / "r"), "--sync-bn"],
+                2),
+        timeout=120,
+    )  # fmt: skip
+    assert code != 0
+    assert "samkit train: error: --sync-bn: torch.nn.SyncBatchNorm does not run on cpu" in out
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_sync_bn_in_one_process_has_no_effect_and_is_recorded(data, tmp_path):
+    run = tmp_path / "one"
+    out = train(run, data, ["--sync-bn", "--max-steps", "1"], 1)
+    assert out.count("--sync-bn: no effect in a single process") == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["sync_bn"] is True and config["sync_bn_layers"] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["sync_bn"] is True
+
+
+def test_sync_bn_checkpoints_load_into_the_plain_model():
+    # The checkpointed state_dict of a converted model has BatchNorm's keys, so samkit evaluate /
+    # load_run_model (which rebuild the plain model) load it strictly.
+    from samkit.models import create_model
+    from samkit.train.distributed import convert_sync_batchnorm
+
+    plain = create_model("resnet_tiny", num_classes=10, in_channels=1)
+    torch.manual_seed(1)
+    converted, count = convert_sync_batchnorm(create_model("resnet_tiny", 10, in_channels=1))
+    assert count > 0
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == count
+    state = converted.state_dict()
+    assert list(state) == list(plain.state_dict())
+    plain.load_state_dict(state, strict=True)
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())

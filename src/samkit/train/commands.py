@@ -235,6 +235,16 @@ def add_train_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     _add(
         g,
+        "--sync-bn",
+        action=BoolFlag,
+        negatives=("--no-sync-bn",),
+        default=d.sync_bn,
+        help="under torchrun: convert BatchNorm layers to torch.nn.SyncBatchNorm, so they "
+        "normalise over the global batch (CUDA devices only; refused on the CPU; no effect "
+        "in one process)",
+    )
+    _add(
+        g,
         "--sam-adaptive",
         action=BoolFlag,
         negatives=("--no-sam-adaptive",),
@@ -654,6 +664,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sam_m=args.sam_m,
         sam_adaptive=args.sam_adaptive,
         sync_perturbations=args.sync_perturbations,
+        sync_bn=args.sync_bn,
         esam_beta=args.esam_beta,
         esam_gamma=args.esam_gamma,
         esam_criterion=args.esam_criterion,

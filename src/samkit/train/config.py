@@ -40,6 +40,7 @@ class TrainConfig:
     esam_criterion: str = "sharpness"
     amp: str = "none"  # none | bf16 | fp16
     sync_perturbations: bool = False  # torchrun: perturb with the global batch's gradient
+    sync_bn: bool = False  # torchrun: SyncBatchNorm (CUDA only); no effect in one process
     run_seed: int = 0
     # Data
     use_test_set: bool = True  # False: evaluate on a 10% holdout of the training set

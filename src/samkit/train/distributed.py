@@ -18,11 +18,13 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "convert_sync_batchnorm",
     "eval_shard",
     "exit_without_teardown",
     "from_env",
     "init_process_group",
     "local_slice",
+    "sync_bn_supported",
 ]
 
 
@@ -67,6 +69,25 @@ def init_process_group(info: DistInfo, device: torch.device, timeout_seconds: fl
         **kwargs,
     )
     return True
+
+
+#: Device types on which ``torch.nn.SyncBatchNorm`` synchronises (it refuses CPU tensors: the
+#: kernels of its all-gathered statistics exist for accelerators only).
+SYNC_BN_DEVICE_TYPES = ("cuda", "xpu", "hpu")
+
+
+def sync_bn_supported(device: torch.device) -> bool:
+    """Whether ``torch.nn.SyncBatchNorm`` can train on ``device`` in a process group."""
+    return device.type in SYNC_BN_DEVICE_TYPES
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """``model`` with every BatchNorm layer replaced by ``torch.nn.SyncBatchNorm`` (same
+    parameters, buffers and ``state_dict`` keys), and how many layers were converted."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    count = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model), count
 
 
 def local_slice(batch_size: int, info: DistInfo) -> slice:

@@ -436,6 +436,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict
     try:
         if info is not None:
             device = _device_for(cfg, info)
+            if cfg.sync_bn and not _dist.sync_bn_supported(device):
+                raise ConfigError(
+                    f"--sync-bn: torch.nn.SyncBatchNorm does not run on {device.type} (torch "
+                    f"{torch.__version__.split('+')[0]} synchronises BatchNorm statistics on "
+                    f"{'/'.join(_dist.SYNC_BN_DEVICE_TYPES)} devices only); train with --device "
+                    "cuda, or without --sync-bn (each process then normalises over its own share "
+                    "of the batch)"
+                )
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             created = _dist.init_process_group(info, device, cfg.dist_timeout)
@@ -681,6 +689,15 @@ class _Run:
                 f"loaded{head}"
             )
         model = model.to(device=self.device, memory_format=self.memory_format)
+        self.sync_bn_layers = 0
+        if cfg.sync_bn and self.dist is not None:  # before freezing: conversion drops BN hooks
+            model, self.sync_bn_layers = _dist.convert_sync_batchnorm(model)
+            self.log(
+                f"--sync-bn: {self.sync_bn_layers} BatchNorm layers converted to SyncBatchNorm "
+                f"(statistics over the global batch of {self.world_size} processes)"
+            )
+        elif cfg.sync_bn:
+            self.log("--sync-bn: no effect in a single process (BatchNorm already sees the batch)")
         if cfg.freeze_bn_stats:
             count = freeze_batchnorm_statistics(model)
             self.log(f"BatchNorm statistics frozen in {count} layers")
@@ -881,6 +898,7 @@ class _Run:
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "num_parameters": self.num_params,
+            "sync_bn_layers": self.sync_bn_layers,
             "memory_format": "channels_last"
             if self.memory_format == torch.channels_last
             else "contiguous",
@@ -954,6 +972,7 @@ class _Run:
             + (
                 f", {self.world_size} processes x {cfg.batch_size // self.world_size} images"
                 + (" (synced perturbations)" if cfg.sync_perturbations else "")
+                + (" (SyncBatchNorm)" if self.sync_bn_layers else "")
                 if self.dist is not None
                 else ""
             )
@@ -1228,6 +1247,7 @@ class _Run:
         if self.dist is not None:
             summary["world_size"] = self.world_size
             summary["sync_perturbations"] = cfg.sync_perturbations
+            summary["sync_bn"] = cfg.sync_bn
         if self.is_main:
             write_json(self.run_dir / SUMMARY_FILE, summary)
         stopped = " (stopped by --max-steps)" if self.stop_reason == "max_steps" else ""

@@ -24,6 +24,11 @@
   shard of each weight, so there is no per-replica perturbation; the first-pass gradient is
   reduce-scattered and its norm summed over the shards, which gives exactly the global-batch
   perturbation (``sync_perturbations`` is True; passing False is an error).
+* SyncBatchNorm: its forward (in training mode) and backward are collectives, so every replica
+  must run the same passes. The BatchNorm policy above applies to it unchanged (batch statistics
+  of the global batch, running buffers from the first pass only), and whether a first pass or an
+  ascent step failed is agreed across replicas before the extra forwards (ascent steps, ESAM's
+  selection forward), so a non-finite gradient on one replica cannot leave the others waiting.
 
 Any other optimizer gets one plain pass with the same AMP, accumulation and clipping.
 """
@@ -129,6 +134,8 @@ class SharpnessAwareStep:
         self._micro = 0
         self._failed_pass: str | None = None  # a failure in any micro-batch fails the whole step
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        # With SyncBatchNorm every training forward is a collective (see _agree_ok)
+        self._sync_bn = any(isinstance(mod, nn.SyncBatchNorm) for mod in model.modules())
 
     @property
     def skipped_steps(self) -> int:
@@ -179,7 +186,7 @@ class SharpnessAwareStep:
             if loss.requires_grad:  # False only when ESAM's SWP dropped every tensor
                 self._backward(loss)
         self._unscale_first_pass()
-        ok = opt.first_step()
+        ok = self._agree_ok(opt.first_step())
         for _ in range(opt.ascent_steps - 1):
             if not ok:
                 break
@@ -187,7 +194,7 @@ class SharpnessAwareStep:
             with self._pass("ascent", rng):
                 self._backward(_mean(self.loss_fn(self.model(x), y)))
             self._unscale_first_pass()
-            ok = opt.ascent_step()
+            ok = self._agree_ok(opt.ascent_step())
         self._failed_pass = self._failed_pass or opt.failed_pass
         index = None
         if esam and ok:  # after a failed first pass the step is skipped: no selection needed
@@ -311,6 +318,20 @@ class SharpnessAwareStep:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0.0:
             opt.fail_step("first (on another replica)")
+
+    def _agree_ok(self, ok: bool) -> bool:
+        """With SyncBatchNorm under torch.distributed: True only if ``ok`` on every replica.
+
+        Each extra forward (ascent step, ESAM's selection forward) runs SyncBatchNorm's
+        collectives, so whether it runs must not depend on one replica's gradients. A replica that
+        was fine but sees a failure elsewhere skips those forwards too; its second pass still runs
+        (as on every replica) and the step is then skipped by all (``_agree_on_skip``).
+        """
+        if not (self._sync_bn and dist.is_available() and dist.is_initialized()):
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.item() == 1.0
 
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and hasattr(self.model, "no_sync")
