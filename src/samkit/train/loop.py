@@ -736,6 +736,8 @@ class _Run:
             bn_stats="first",  # BatchNorm running statistics from the first pass, as the seed
             sync_perturbations=cfg.sync_perturbations,
         )
+        # Under torchrun each rank loads and augments only its rows of every global batch
+        # (identical to slicing the global batch; see samkit.data.loader).
         self.train_loader = self._make_loader(
             self.train_ds,
             cfg.batch_size,
@@ -743,6 +745,7 @@ class _Run:
             seed=cfg.run_seed,
             workers=cfg.workers,
             device=self.device,
+            shard=(self.dist.rank, self.dist.world_size) if self.dist is not None else None,
         )
         eval_ds = self.eval_ds
         if self.dist is not None:  # each rank evaluates its own shard; the sums are all-reduced
@@ -1025,12 +1028,10 @@ class _Run:
         return False
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.dist is not None:  # this rank's share of the global batch
+        if self.dist is not None:  # x, y: this rank's share of the global batch (sharded loader)
             fail = os.environ.get(FAIL_RANK_ENV)
             if fail and fail == f"{self.dist.rank}:{self.global_step + 1}":
                 raise RuntimeError(f"{FAIL_RANK_ENV}: injected failure at step {fail}")
-            share = _dist.local_slice(self.cfg.batch_size, self.dist)
-            x, y = x[share], y[share]
         self.schedule.apply()
         out = self.step_fn(x.contiguous(memory_format=self.memory_format), y)
         self.schedule.step()
