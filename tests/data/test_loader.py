@@ -153,3 +153,117 @@ def test_resume_mid_epoch_yields_the_same_batches(batched):
     assert list(loader) == []
     with pytest.raises(ValueError, match="start_batch"):
         loader.set_epoch(0, start_batch=-1)
+
+
+def _shards_match_full(ds, batch_size, world, *, batched, seed=4, epoch=2, start=0, **kw):
+    """Concatenating the shards of every batch in rank order gives the unsharded batch exactly;
+    returns the number of batches compared."""
+    full = make_loader(ds, batch_size, train=True, seed=seed, batched=batched, **kw)
+    full.set_epoch(epoch, start_batch=start)
+    expected = [(x.clone(), y.clone()) for x, y in full]
+    shards = []
+    for rank in range(world):
+        loader = make_loader(
+            ds, batch_size, train=True, seed=seed, batched=batched, shard=(rank, world), **kw
+        )
+        assert len(loader) == len(full)  # counted in global batches
+        loader.set_epoch(epoch, start_batch=start)
+        shards.append([(x.clone(), y.clone()) for x, y in loader])
+    assert all(len(s) == len(expected) for s in shards)
+    for k, (fx, fy) in enumerate(expected):
+        parts = [s[k] for s in shards]
+        assert all(x.shape[0] == batch_size // world for x, _ in parts)
+        assert torch.equal(torch.cat([x for x, _ in parts]), fx)
+        assert torch.equal(torch.cat([y for _, y in parts]), fy)
+    return len(expected)
+
+
+@pytest.mark.parametrize(
+    ("batched", "image_level", "batch_level"),
+    [
+        (True, "basic", "cutout"),  # batched: crop + flip + cutout drawn for the global batch
+        (True, "basic", "none"),
+        (False, "basic", "cutout"),  # per-sample transforms
+        (False, "autoaugment", "cutout"),
+    ],
+)
+def test_shards_concatenate_to_the_full_batch(batched, image_level, batch_level):
+    ds = _dataset(n=42, image_level=image_level, batch_level=batch_level)
+    loader = make_loader(ds, 8, train=True, batched=batched, shard=(1, 2))
+    assert isinstance(loader, BatchedLoader if batched else SampleLoader)
+    assert _shards_match_full(ds, 8, 2, batched=batched) == 5
+    assert _shards_match_full(ds, 8, 4, batched=batched, epoch=5) == 5
+    assert _shards_match_full(ds, 8, 1, batched=batched) == 5
+    # resumed mid-epoch: the shards of batches 3, 4 of epoch 2
+    assert _shards_match_full(ds, 8, 2, batched=batched, start=3) == 2
+
+
+def test_sharded_sample_loader_with_workers_and_fashion_mnist():
+    ds = _dataset(n=24, image_level="autoaugment", dataset="fashion_mnist", c=1, size=28)
+    assert _shards_match_full(ds, 6, 3, batched=False, workers=2) == 4
+    ds = _dataset(n=24, dataset="fashion_mnist", c=1, size=28, batch_level="cutout")
+    assert _shards_match_full(ds, 6, 3, batched=True) == 4
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_sharded_loader_keeps_epoch_sequence(batched):
+    # Successive __iter__ calls on a sharded loader advance the epoch like an unsharded one.
+    ds = _dataset(n=32, batch_level="cutout")
+    full = make_loader(ds, 8, train=True, seed=1, epoch=0, batched=batched)
+    shard = make_loader(ds, 8, train=True, seed=1, epoch=0, batched=batched, shard=(1, 2))
+    for _ in range(2):
+        fx, fy = _collect(full)
+        sx, sy = _collect(shard)
+        rows = torch.cat([torch.arange(k * 8 + 4, k * 8 + 8) for k in range(4)])
+        assert torch.equal(sx, fx[rows]) and torch.equal(sy, fy[rows])
+
+
+def test_sharded_loader_loads_only_its_rows():
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds, self.fetched = ds, []
+
+        def __len__(self):
+            return len(self.ds)
+
+        def get(self, index, *, train):
+            self.fetched.append(index)
+            return self.ds.get(index, train=train)
+
+    ds = Counting(_dataset(n=32))
+    loader = make_loader(ds, 8, train=True, seed=0, shard=(0, 4))
+    assert isinstance(loader, SampleLoader)
+    x, y = _collect(loader)
+    assert x.shape[0] == 8 and sorted(ds.fetched) == sorted(y.tolist())
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize(
+    ("shard", "kwargs", "message"),
+    [
+        ((2, 2), {}, "rank must be in 0..1"),
+        ((-1, 2), {}, "rank must be in 0..1"),
+        ((0, 0), {}, "world_size must be >= 1"),
+        ((0, -2), {}, "world_size must be >= 1"),
+        ((0, 3), {}, "not a multiple of world_size 3"),
+        ((0, 2, 1), {}, r"shard must be \(rank, world_size\)"),
+        (2, {}, r"shard must be \(rank, world_size\)"),
+        ((0.0, 2), {}, "two integers"),
+        ((0, 2), {"drop_last": False}, "last batch of 2 examples"),
+    ],
+)
+def test_bad_shard_arguments_raise(batched, shard, kwargs, message):
+    ds = _dataset(n=42)
+    with pytest.raises(ValueError, match=message):
+        make_loader(ds, 8, train=True, batched=batched, shard=shard, **kwargs)
+
+
+def test_batch_augment_rows_equal_slices_of_the_batch():
+    from samkit.data.transforms import batch_augment
+
+    aug = batch_augment("cifar10", "basic", "cutout", 8)
+    x = _dataset(n=12).images
+    whole = aug(x, torch.Generator().manual_seed(7))
+    draws = aug.draw(12, 32, 32, torch.Generator().manual_seed(7))
+    for rows in (slice(0, 4), slice(4, 12), slice(11, 12)):
+        assert torch.equal(aug.apply(x[rows], draws.rows(rows)), whole[rows])

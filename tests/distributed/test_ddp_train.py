@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -64,7 +65,11 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _launch(
-    args: list[str], nproc: int, env: dict[str, str] | None = None, nobn: bool = False
+    args: list[str],
+    nproc: int,
+    env: dict[str, str] | None = None,
+    nobn: bool = False,
+    stdout: Any = subprocess.PIPE,
 ) -> subprocess.Popen:
     target = [str(NOBN_ENTRY)] if nobn else ["-m", "samkit"]
     if nproc == 1:
@@ -79,7 +84,7 @@ def _launch(
     return subprocess.Popen(
         cmd,
         env=_env(env),
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: killed as a whole
@@ -319,3 +324,56 @@ def test_sync_bn_checkpoints_load_into_the_plain_model():
     assert list(state) == list(plain.state_dict())
     plain.load_state_dict(state, strict=True)
     assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "epoch_end",  # the last epoch's evaluation, in the training loop
+        "max_steps",  # the partial epoch's evaluation after --max-steps, in the finish path
+    ],
+)
+def test_sigterm_during_the_final_evaluation_stops_every_rank_cleanly(data, tmp_path, where):
+    run = tmp_path / "terminated"
+    log = tmp_path / "out.txt"
+    args = [*COMMON, "--data-dir", str(data), "--run-dir", str(run), "--num-epochs", "1",
+            "--dist-timeout", "60"]  # fmt: skip
+    if where == "max_steps":
+        args += ["--max-steps", "3"]
+    # SAMKIT_TEST_EVAL_DELAY: rank 0 logs a line, then every rank sleeps before evaluating.
+    env = {"SAMKIT_TEST_EVAL_DELAY": "5"}
+    with log.open("w") as out_file:
+        proc = _launch(args, 2, env=env, stdout=out_file)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while "SAMKIT_TEST_EVAL_DELAY: evaluating" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the evaluation did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
+        code, _ = _finish(proc, timeout=90)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    out = log.read_text()
+    assert code != 0
+    assert out.count("interrupted by SIGTERM; checkpoint saved") == 1, out  # rank 0 only
+    assert "samkit train: error" not in out, out  # no rank failed in a collective
+    assert "Connection closed" not in out and "ChildFailedError" not in out, out
+    steps = 4 if where == "epoch_end" else 3
+    saved = load_latest_checkpoint(run / "checkpoints")[1]
+    assert saved["global_step"] == steps  # the finished training, saved
+    assert not (run / "summary.json").exists()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # the epoch-end record was published before stopping; a partial one is only published by a
+    # run that finishes
+    assert [m["epoch"] for m in metrics] == ([1] if where == "epoch_end" else [])
+
+    # rerunning finishes the run: only the evaluation and the summary are left to do
+    out = train(run, data, args[len(COMMON) :], 2)
+    assert "resuming from" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["status"] == (
+        "completed" if where == "epoch_end" else "max_steps"
+    )

@@ -221,3 +221,33 @@ def test_stochastic_model_resumes_mid_epoch_with_the_same_random_draws(data, tmp
     assert main([*argv, *c]) == 0
     a_fc = run_state(tmp_path / "a")["model"]["6.weight"]
     assert not torch.equal(a_fc, run_state(tmp_path / "c")["model"]["6.weight"])
+
+
+def test_sigterm_during_the_final_evaluation_saves_and_exits_143(data, tmp_path):
+    # The evaluation after --max-steps runs after the training loop; a signal there used to
+    # kill the process with the default handler (no message).
+    run_dir = tmp_path / "run"
+    out_path = tmp_path / "out.txt"
+    env = {**os.environ, "SAMKIT_TEST_EVAL_DELAY": "4"}  # testing hook: log, sleep, evaluate
+    cmd = command(data, run_dir, "--max-steps", "3", "--save-progress-seconds", "0")
+    with out_path.open("w") as out_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=out_file, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "SAMKIT_TEST_EVAL_DELAY: evaluating" not in out_path.read_text():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the evaluation did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 143, err
+    assert "interrupted by SIGTERM; checkpoint saved" in err
+    assert run_state(run_dir)["global_step"] == 3
+    assert not (run_dir / "summary.json").exists()
+    code, out, err = finish(start(data, run_dir, 0.0, "--max-steps", "3"))
+    assert code == 0, err
+    assert "resuming from" in out and (run_dir / "summary.json").exists()

@@ -19,11 +19,23 @@ of workers, and an epoch can be resumed at any batch: ``set_epoch(epoch, start_b
 the next ``__iter__`` yield exactly the batches ``k, k + 1, ...`` that a full pass over that
 epoch yields (this is how ``samkit train`` resumes mid-epoch). Every ``__iter__`` starts the next
 epoch (``set_epoch`` sets it).
+
+Sharding (``shard=(rank, world_size)``, as ``samkit train`` uses under ``torchrun``): the loader
+still walks the global batches of ``batch_size`` in the same order, but yields only rows
+``[rank * b / w, (rank + 1) * b / w)`` of each (``b = batch_size``, ``w = world_size``) and loads
+and augments only those. The result is bit for bit the same as slicing the unsharded loader's
+batch, resumes included: the per-sample path fetches just the share's indices (their seeds depend
+on the index only); the batched path makes the draws of the whole global batch (cheap) and applies
+them to the share's rows (every batched augmentation acts on each image on its own; see
+:class:`~samkit.data.transforms.BatchAugment`). ``batch_size`` must be a multiple of
+``world_size`` and every batch full (``drop_last``, or a data set size that is a multiple of
+``batch_size``), so that every share has ``batch_size / world_size`` rows.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -165,6 +177,39 @@ def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def _check_shard(
+    shard: tuple[int, int] | None, batch_size: int, n: int, drop_last: bool
+) -> tuple[int, int] | None:
+    """``shard`` as ``(rank, world_size)`` after checking it fits the batches."""
+    if shard is None:
+        return None
+    try:
+        rank, world = shard
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be (rank, world_size), not {shard!r}") from None
+    if isinstance(rank, bool) or isinstance(world, bool):
+        raise ValueError(f"shard must be two integers (rank, world_size), not {shard!r}")
+    try:
+        rank, world = operator.index(rank), operator.index(world)
+    except TypeError:
+        raise ValueError(f"shard must be two integers (rank, world_size), not {shard!r}") from None
+    if world < 1:
+        raise ValueError(f"shard: world_size must be >= 1, not {world}")
+    if not 0 <= rank < world:
+        raise ValueError(f"shard: rank must be in 0..{world - 1} (world_size {world}), not {rank}")
+    if batch_size % world:
+        raise ValueError(
+            f"shard: batch_size {batch_size} is not a multiple of world_size {world}; every rank "
+            "gets batch_size / world_size rows of each batch"
+        )
+    if world > 1 and not drop_last and n % batch_size:
+        raise ValueError(
+            f"shard: the last batch of {n % batch_size} examples (of {n}) cannot be split into "
+            f"{world} equal shares; use drop_last=True or a multiple of batch_size {batch_size}"
+        )
+    return rank, world
+
+
 class _EpochMixin:
     seed: int
     epoch: int
@@ -189,6 +234,17 @@ class _EpochMixin:
             return None
         return torch.randperm(n, generator=generator(self.seed, epoch, _ORDER))
 
+    def _batch_bounds(self, k: int, n: int) -> tuple[int, int, slice]:
+        """Positions ``[lo, hi)`` of global batch ``k`` in the epoch's order and this loader's
+        rows of it (all of them unless sharded)."""
+        batch_size = self.batch_size
+        lo, hi = k * batch_size, min(n, (k + 1) * batch_size)
+        if self.shard is None:
+            return lo, hi, slice(0, hi - lo)
+        rank, world = self.shard
+        per_rank = batch_size // world  # every batch is full (checked in _check_shard)
+        return lo, hi, slice(rank * per_rank, (rank + 1) * per_rank)
+
 
 class BatchedLoader(_EpochMixin):
     """Batches ``(float images, int64 labels)`` of an :class:`InMemoryDataset`, augmented as whole
@@ -204,6 +260,7 @@ class BatchedLoader(_EpochMixin):
         epoch: int = 0,
         drop_last: bool | None = None,
         device: torch.device | str | None = None,
+        shard: tuple[int, int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -223,6 +280,7 @@ class BatchedLoader(_EpochMixin):
             _default_drop_last(dataset, batch_size, train) if drop_last is None else drop_last
         )
         self.device = torch.device(device) if device is not None else dataset.images.device
+        self.shard = _check_shard(shard, batch_size, len(dataset), self.drop_last)
 
     def __len__(self) -> int:
         return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
@@ -232,16 +290,23 @@ class BatchedLoader(_EpochMixin):
         images, labels = self.dataset.tensors_on(self.device)
         n = labels.shape[0]
         order = self._order(n, epoch)
+        height, width = images.shape[-2:]
         for k in range(start, len(self)):
-            lo, hi = k * self.batch_size, min(n, (k + 1) * self.batch_size)
+            lo, hi, rows = self._batch_bounds(k, n)
+            a, b = lo + rows.start, lo + rows.stop  # this loader's share of the batch
             if order is None:
-                x, y = images[lo:hi], labels[lo:hi]
+                x, y = images[a:b], labels[a:b]
             else:
-                idx = order[lo:hi].to(self.device)
+                idx = order[a:b].to(self.device)
                 x, y = images[idx], labels[idx]
             # One generator per batch: any batch can be reproduced without its predecessors.
+            # The draws are made for the whole global batch, so a share is augmented as it would
+            # be in the full batch.
             gen = generator(self.seed, epoch, _AUGMENT, k) if self.train else None
-            yield self.augment(x, gen), y
+            draws = self.augment.draw(hi - lo, height, width, gen)
+            if self.shard is not None:
+                draws = draws.rows(rows)
+            yield self.augment.apply(x, draws), y
 
 
 class _SeededView(Dataset):
@@ -289,6 +354,7 @@ class SampleLoader(_EpochMixin):
         workers: int = 0,
         drop_last: bool | None = None,
         device: torch.device | str | None = None,
+        shard: tuple[int, int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -304,6 +370,7 @@ class SampleLoader(_EpochMixin):
             _default_drop_last(dataset, batch_size, train) if drop_last is None else drop_last
         )
         self.device = torch.device(device) if device is not None else None
+        self.shard = _check_shard(shard, batch_size, len(dataset), self.drop_last)
 
     def __len__(self) -> int:
         return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
@@ -317,16 +384,18 @@ class SampleLoader(_EpochMixin):
             seeds = torch.randint(0, 2**62, (n,), generator=generator(self.seed, epoch, _AUGMENT))
         view = _SeededView(self.dataset, self.train, seeds)
         pin = self.device is not None and self.device.type == "cuda"
-        sampler = order.tolist() if order is not None else None
-        if start:  # resume mid-epoch: the same batches, minus the first ``start``
-            skip = min(n, start * self.batch_size)
-            sampler = sampler[skip:] if sampler is not None else list(range(skip, n))
+        # The indices of every batch from ``start`` on (a resumed epoch skips the first
+        # ``start``); sharded: only this loader's share of each. A sample's augmentation depends
+        # on its index only (its seed), not on the batch it is fetched with.
+        positions = order.tolist() if order is not None else list(range(n))
+        batches = []
+        for k in range(start, len(self)):
+            lo, _, rows = self._batch_bounds(k, n)
+            batches.append(positions[lo + rows.start : lo + rows.stop])
         loader = DataLoader(
             view,
-            batch_size=self.batch_size,
-            sampler=sampler,
+            batch_sampler=batches,
             num_workers=self.workers,
-            drop_last=self.drop_last,
             pin_memory=pin,
             # Seeds the workers (base seed) without touching the global RNG.
             generator=generator(self.seed, epoch, _WORKERS),
@@ -349,6 +418,7 @@ def make_loader(
     drop_last: bool | None = None,
     device: torch.device | str | None = None,
     batched: bool | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> BatchedLoader | SampleLoader:
     """A loader of ``(images, labels)`` batches, deterministic given ``(seed, epoch)``.
 
@@ -358,6 +428,10 @@ def make_loader(
     ``dataset`` is an :class:`InMemoryDataset` whose augmentation has a batched form, else
     :class:`SampleLoader` (``workers`` only matters there); ``True`` / ``False`` force it.
     ``epoch`` is the epoch of the first ``__iter__``; each further one advances it.
+    ``shard=(rank, world_size)`` yields only that rank's rows of every batch, loading and
+    augmenting only those, bit-identical to slicing the full batch (see the module docstring);
+    ``ValueError`` if the rank is out of range, ``world_size < 1``, ``batch_size`` is not a
+    multiple of ``world_size`` or a batch would be ragged.
     """
     can_batch = isinstance(dataset, InMemoryDataset) and dataset.batch_augment(train) is not None
     if batched is None:
@@ -373,6 +447,7 @@ def make_loader(
             epoch=epoch,
             drop_last=drop_last,
             device=device,
+            shard=shard,
         )
     return SampleLoader(
         dataset,
@@ -383,4 +458,5 @@ def make_loader(
         workers=workers,
         drop_last=drop_last,
         device=device,
+        shard=shard,
     )

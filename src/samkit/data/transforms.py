@@ -24,7 +24,8 @@ image gets its own, as in the Cutout paper.)
 The per-sample transforms take ``uint8 [C, H, W]`` tensors and use the global torch RNG (the
 loaders seed it per sample, see :mod:`samkit.data.loader`). The batched versions
 (:func:`random_crop_flip_batch`, :func:`cutout_batch`, :class:`BatchAugment`) take
-``[B, C, H, W]`` batches on any device and draw from an explicit CPU ``torch.Generator``.
+``[B, C, H, W]`` batches on any device and draw from an explicit CPU ``torch.Generator``;
+:class:`BatchAugment` can draw for a whole batch and apply the draws to some of its rows only.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "BATCH_LEVEL",
     "IMAGE_LEVEL",
     "NORMALIZATION",
+    "AugmentDraws",
     "BatchAugment",
     "Cutout",
     "apply_crop_flip",
@@ -300,8 +302,33 @@ def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentDraws:
+    """The random draws of one :class:`BatchAugment` call, one entry per image of the batch (CPU
+    tensors; ``None`` where the pipeline has no such step): flip mask and crop offsets
+    (:func:`crop_flip_params`), cutout centres (:func:`cutout_params`)."""
+
+    flips: torch.Tensor | None = None
+    dy: torch.Tensor | None = None
+    dx: torch.Tensor | None = None
+    cy: torch.Tensor | None = None
+    cx: torch.Tensor | None = None
+
+    def rows(self, index: slice) -> AugmentDraws:
+        """The draws of the images ``index`` of the batch (e.g. one process's share)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return AugmentDraws(**{k: None if t is None else t[index] for k, t in values.items()})
+
+
+@dataclasses.dataclass(frozen=True)
 class BatchAugment:
-    """A batched pipeline: [crop/flip on uint8] -> normalise -> [cutout]."""
+    """A batched pipeline: [crop/flip on uint8] -> normalise -> [cutout].
+
+    ``aug(x, generator)`` is ``aug.apply(x, aug.draw(len(x), H, W, generator))``. Every step acts
+    on each image on its own (no mixing across images), so the draws of a whole batch can be made
+    and applied to some of its rows only: ``aug.apply(x[rows], draws.rows(rows))`` equals
+    ``aug(x, generator)[rows]`` bit for bit (how a sharded loader augments its share). A future
+    step that mixes images (mixup, cutmix) would break this and need the whole batch.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -310,13 +337,35 @@ class BatchAugment:
     padding: int = CROP_PADDING
     cutout_length: int | None = None
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    @property
+    def _crop_padding(self) -> int:
+        return self.padding if self.crop else 0
+
+    def draw(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None
+    ) -> AugmentDraws:
+        """All random draws for a batch of ``batch`` images of ``height`` x ``width``, in the
+        order the pipeline makes them (crop/flip, then cutout)."""
+        flips = dy = dx = cy = cx = None
         if self.crop or self.flip:
-            x = random_crop_flip_batch(x, generator, self.padding if self.crop else 0, self.flip)
-        x = normalize_batch(x, self.mean, self.std)
+            flips, dy, dx = crop_flip_params(batch, generator, self._crop_padding, self.flip)
         if self.cutout_length is not None:
-            x = cutout_batch(x, self.cutout_length, generator)
+            # crop/flip keeps the image size, so the cutout is drawn over height x width
+            cy, cx = cutout_params(batch, height, width, generator)
+        return AugmentDraws(flips, dy, dx, cy, cx)
+
+    def apply(self, x: torch.Tensor, draws: AugmentDraws) -> torch.Tensor:
+        """The pipeline on ``x`` ``[B, C, H, W]`` with ``draws`` of ``B`` images."""
+        if draws.flips is not None:
+            x = apply_crop_flip(x, draws.flips, draws.dy, draws.dx, self._crop_padding)
+        x = normalize_batch(x, self.mean, self.std)
+        if draws.cy is not None:
+            x = cutout_batch(x, self.cutout_length, centres=(draws.cy, draws.cx))
         return x
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        return self.apply(x, self.draw(b, h, w, generator))
 
 
 def batch_augment(

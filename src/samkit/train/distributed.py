@@ -91,7 +91,10 @@ def convert_sync_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int
 
 
 def local_slice(batch_size: int, info: DistInfo) -> slice:
-    """This rank's rows of a global batch of ``batch_size`` (``batch_size % world == 0``)."""
+    """This rank's rows of a global batch of ``batch_size`` (``batch_size % world == 0``).
+
+    ``samkit train`` no longer slices batches: its training loader is sharded
+    (``make_loader(..., shard=(rank, world_size))``) and yields these rows only."""
     per_rank = batch_size // info.world_size
     return slice(info.rank * per_rank, (info.rank + 1) * per_rank)
 

@@ -79,6 +79,9 @@ SUMMARY_FILE = "summary.json"
 STEP_DELAY_ENV = "SAMKIT_TEST_STEP_DELAY"
 #: Testing hook: "RANK:STEP" makes that torchrun rank raise before that (1-based) step.
 FAIL_RANK_ENV = "SAMKIT_TEST_FAIL_RANK"
+#: Testing hook: seconds to sleep at the start of every evaluation, announced by a log line (lets
+#: a test signal a run while it evaluates).
+EVAL_DELAY_ENV = "SAMKIT_TEST_EVAL_DELAY"
 
 
 class ConfigError(ValueError):
@@ -448,8 +451,6 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict
                 torch.cuda.set_device(device)
             created = _dist.init_process_group(info, device, cfg.dist_timeout)
         summary = _Run(_resolve_paths(cfg), log, info).run()
-        if created:  # every rank is done before any leaves
-            torch.distributed.barrier()
         succeeded = True
         return summary
     finally:
@@ -756,6 +757,8 @@ class _Run:
             bn_stats="first",  # BatchNorm running statistics from the first pass, as the seed
             sync_perturbations=cfg.sync_perturbations,
         )
+        # Under torchrun each rank loads and augments only its rows of every global batch
+        # (identical to slicing the global batch; see samkit.data.loader).
         self.train_loader = self._make_loader(
             self.train_ds,
             cfg.batch_size,
@@ -763,6 +766,7 @@ class _Run:
             seed=cfg.run_seed,
             workers=cfg.workers,
             device=self.device,
+            shard=(self.dist.rank, self.dist.world_size) if self.dist is not None else None,
         )
         eval_ds = self.eval_ds
         if self.dist is not None:  # each rank evaluates its own shard; the sums are all-reduced
@@ -981,12 +985,19 @@ class _Run:
         self.last_save = time.monotonic()
         self.stop_reason = "completed"
         try:
+            # The handlers stay installed through the final evaluation and, under torchrun, the
+            # last barrier: a signal then must not kill one rank in the middle of a collective
+            # (the others would fail with a connection error). _finish agrees on a stop after its
+            # evaluations; a signal arriving later lets the finished run exit normally.
             with _StopSignals() as signals:
                 self.signals = signals
                 self._loop()
-            return self._finish()
-        finally:  # after _finish, which logs the final evaluation
+                summary = self._finish()
+                if self.dist is not None:  # every rank is done before any leaves
+                    torch.distributed.barrier()
+        finally:
             self.scalars.close()
+        return summary
 
     def _loop(self) -> None:
         cfg = self.cfg
@@ -1032,13 +1043,26 @@ class _Run:
                 if hasattr(batches, "close"):
                     batches.close()
             self._end_epoch()
-            if self._stop_requested() is not None:
+            # A signal during the epoch-end evaluation: stop here (all ranks together).
+            if self._agree_on_stop() is not None:
                 self._interrupted()
 
     def _stop_requested(self) -> int | None:
         """The signal that asks to stop; under torchrun the one all ranks agreed on in the last
         step (so that they all stop at the same step)."""
         return self.signals.signum if self.dist is None else self.stop_signum
+
+    def _agree_on_stop(self) -> int | None:
+        """:meth:`_stop_requested`, but under torchrun first agree across ranks whether any got a
+        signal since the last step (one small all-reduce: every rank must call it at the same
+        point). Used after evaluations, which have no per-step agreement."""
+        if self.dist is not None and self.stop_signum is None:
+            local = self.signals.signum or 0
+            flag = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() > 0:
+                self.stop_signum = local or int(flag.item())
+        return self._stop_requested()
 
     def _max_steps_reached(self) -> bool:
         if self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps:
@@ -1047,12 +1071,10 @@ class _Run:
         return False
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.dist is not None:  # this rank's share of the global batch
+        if self.dist is not None:  # x, y: this rank's share of the global batch (sharded loader)
             fail = os.environ.get(FAIL_RANK_ENV)
             if fail and fail == f"{self.dist.rank}:{self.global_step + 1}":
                 raise RuntimeError(f"{FAIL_RANK_ENV}: injected failure at step {fail}")
-            share = _dist.local_slice(self.cfg.batch_size, self.dist)
-            x, y = x[share], y[share]
         self.schedule.apply()
         out = self.step_fn(x.contiguous(memory_format=self.memory_format), y)
         self.schedule.step()
@@ -1093,6 +1115,10 @@ class _Run:
         raise TrainingInterrupted(signum, path)
 
     def _evaluate(self) -> dict[str, float]:
+        delay = float(os.environ.get(EVAL_DELAY_ENV, "0") or 0)
+        if delay:  # testing hook, not counted in eval_seconds
+            self.log(f"{EVAL_DELAY_ENV}: evaluating in {delay:g} s")
+            time.sleep(delay)
         t0 = time.perf_counter()
         model = self.model
         if self.ema is not None:
@@ -1199,12 +1225,17 @@ class _Run:
             # Stopped mid-epoch: report what that partial epoch did (not kept for a resume).
             partial = self._epoch_record(partial=True)
             self._add_eval(partial)
-            self._publish(partial)
         evaluated = [r for r in self.history if "test_error_rate" in r]
         final = partial or (evaluated[-1] if evaluated else None)
         if final is None or "test_error_rate" not in final:
             final = {"epoch": self.epoch, "step": self.global_step}
             self._add_eval(final)
+        # A signal during the final evaluation: save and stop (all ranks at this point) as during
+        # training; rerunning the command resumes and only evaluates and writes the summary.
+        if self._agree_on_stop() is not None:
+            self._interrupted()
+        if partial is not None:
+            self._publish(partial)
         best = min(
             evaluated + ([partial] if partial else []),
             key=lambda r: r["test_error_rate"],
