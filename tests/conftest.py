@@ -60,6 +60,13 @@ def _one_intra_op_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def fashion_mnist_writer():
+    """:func:`write_fashion_mnist`, for test modules that need their own (e.g. module-scoped)
+    data set: importing it as ``conftest`` would pick whichever conftest module loaded first."""
+    return write_fashion_mnist
+
+
 @pytest.fixture
 def idx() -> SimpleNamespace:
     """The IDX writing helpers: ``idx.bytes``, ``idx.write``, ``idx.write_fashion_mnist``."""

@@ -131,11 +131,9 @@ def max_param_diff(a: Path, b: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from conftest import write_fashion_mnist
-
+def data(tmp_path_factory, fashion_mnist_writer) -> Path:
     directory = tmp_path_factory.mktemp("ddp") / "fmnist"
-    write_fashion_mnist(directory, n_train=64, n_test=33, seed=3)
+    fashion_mnist_writer(directory, n_train=64, n_test=33, seed=3)
     return directory
 
 
