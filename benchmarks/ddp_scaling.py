@@ -95,11 +95,31 @@ def run_config(world: int, threads: int, optimizer: str, args: argparse.Namespac
     port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--rank", str(r), "--world", str(world),
-             "--port", str(port), "--threads", str(threads), "--optimizer", optimizer,
-             "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-             "--warmup", str(args.warmup)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--rank",
+                str(r),
+                "--world",
+                str(world),
+                "--port",
+                str(port),
+                "--threads",
+                str(threads),
+                "--optimizer",
+                optimizer,
+                "--batch-size",
+                str(args.batch_size),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for r in range(world)
     ]
