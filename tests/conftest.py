@@ -100,6 +100,9 @@ def no_default_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Pat
     return [home / ".cache/samkit/fashion_mnist", system]
 
 
+RUNNER = Path(__file__).with_name("_worker_runner.py")
+
+
 def _free_port() -> int:
     import socket
 
@@ -110,8 +113,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def spawn_workers():
-    """Run ``python SCRIPT RANK PORT OUTDIR`` for each rank, bounded in time; return their
-    ``OUTDIR/rank{r}.pt`` results. A worker that fails or hangs fails the test (never hangs it)."""
+    """Run ``worker(rank)`` of the test file SCRIPT in ``world`` processes joined in a process
+    group (``tests/_worker_runner.py``), bounded in time; return what each returned (saved to
+    ``OUTDIR/rank{r}.pt``). A worker that fails or hangs fails the test (never hangs it)."""
     import os
     import subprocess
     import sys
@@ -128,7 +132,15 @@ def spawn_workers():
         port = _free_port()
         procs = [
             subprocess.Popen(
-                [sys.executable, str(script), str(rank), str(port), str(outdir)],
+                [
+                    sys.executable,
+                    str(RUNNER),
+                    str(script),
+                    str(rank),
+                    str(world),
+                    str(port),
+                    str(outdir),
+                ],  # fmt: skip
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

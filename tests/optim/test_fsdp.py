@@ -10,9 +10,7 @@ The reference runs in the test process on the unsharded model and the whole batc
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,6 @@ from torch import nn
 
 from samkit.optim import ESAM, SAM
 from samkit.train import SharpnessAwareStep
-from samkit.train.distributed import exit_without_teardown
 
 WORLD, STEPS, BATCH = 2, 3, 8
 CASES = {  # name -> SAM options
@@ -98,75 +95,62 @@ def fsdp2_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
 
 
-def worker(rank: int, port: int, outdir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+def worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
-        mesh = init_device_mesh("cpu", (WORLD,))
-        rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
 
-        def fsdp2_model() -> nn.Module:
-            model = build_model()
-            fully_shard(model[0], mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            return model
+    def fsdp2_model() -> nn.Module:
+        model = build_model()
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
 
-        out: dict[str, object] = {}
-        for name, options in CASES.items():
-            model = fsdp2_model()
-            opt = make_sam(model.parameters(), **options)
-            out[name] = manual_steps(model, opt, rows, fsdp2_weights)
+    out: dict[str, object] = {}
+    for name, options in CASES.items():
         model = fsdp2_model()
-        out["helper"] = helper_steps(model, make_sam(model.parameters()), rows, fsdp2_weights)
+        opt = make_sam(model.parameters(), **options)
+        out[name] = manual_steps(model, opt, rows, fsdp2_weights)
+    model = fsdp2_model()
+    out["helper"] = helper_steps(model, make_sam(model.parameters()), rows, fsdp2_weights)
 
-        errors = []  # what a sharded model refuses, with a clear message
-        for attempt in (
-            lambda: SharpnessAwareStep(
-                model, make_sam(model.parameters()), loss_fn, sync_perturbations=False
-            ),
-            lambda: ESAM(model.parameters(), torch.optim.SGD, lr=0.1),
-            lambda: make_sam(model.parameters(), shard_group=True),
-        ):
-            try:
-                attempt()
-                errors.append(None)
-            except ValueError as e:
-                errors.append(str(e))
-        out["errors"] = errors
-
-        # FSDP1: one flat parameter per rank, a plain tensor; shard_group=True sums the norms
-        plain = build_model()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # FSDP1's deprecation notice
-            model1 = FullyShardedDataParallel(copy.deepcopy(plain), device_id=torch.device("cpu"))
-
-        def fsdp1_weights(m: nn.Module) -> dict[str, torch.Tensor]:
-            with FullyShardedDataParallel.summon_full_params(m):
-                return {k: v.detach().clone() for k, v in m.module.state_dict().items()}
-
-        opt1 = make_sam(model1.parameters(), shard_group=True)
-        out["fsdp1_flat_numel"] = sum(p.numel() for p in model1.parameters())
-        out["fsdp1_helper"] = helper_steps(model1, opt1, rows, fsdp1_weights)
+    errors = []  # what a sharded model refuses, with a clear message
+    for attempt in (
+        lambda: SharpnessAwareStep(
+            model, make_sam(model.parameters()), loss_fn, sync_perturbations=False
+        ),
+        lambda: ESAM(model.parameters(), torch.optim.SGD, lr=0.1),
+        lambda: make_sam(model.parameters(), shard_group=True),
+    ):
         try:
-            SharpnessAwareStep(model1, make_sam(model1.parameters()), loss_fn)
-            out["fsdp1_without_group"] = None
+            attempt()
+            errors.append(None)
         except ValueError as e:
-            out["fsdp1_without_group"] = str(e)
+            errors.append(str(e))
+    out["errors"] = errors
 
-        torch.save(out, Path(outdir) / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    exit_without_teardown(0)  # results are saved; see its docstring
+    # FSDP1: one flat parameter per rank, a plain tensor; shard_group=True sums the norms
+    plain = build_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's deprecation notice
+        model1 = FullyShardedDataParallel(copy.deepcopy(plain), device_id=torch.device("cpu"))
+
+    def fsdp1_weights(m: nn.Module) -> dict[str, torch.Tensor]:
+        with FullyShardedDataParallel.summon_full_params(m):
+            return {k: v.detach().clone() for k, v in m.module.state_dict().items()}
+
+    opt1 = make_sam(model1.parameters(), shard_group=True)
+    out["fsdp1_flat_numel"] = sum(p.numel() for p in model1.parameters())
+    out["fsdp1_helper"] = helper_steps(model1, opt1, rows, fsdp1_weights)
+    try:
+        SharpnessAwareStep(model1, make_sam(model1.parameters()), loss_fn)
+        out["fsdp1_without_group"] = None
+    except ValueError as e:
+        out["fsdp1_without_group"] = str(e)
+
+    return out
 
 
 def _fsdp_available() -> bool:
@@ -206,7 +190,3 @@ def test_sam_under_fsdp_equals_unsharded_sam_on_the_global_batch(tmp_path, spawn
         assert rank["fsdp1_without_group"] and "shard_group=True" in rank["fsdp1_without_group"]
     # each FSDP1 rank really held a shard, not the whole model (7*5+5+5*3+3 = 58 numbers)
     assert all(r["fsdp1_flat_numel"] == 29 for r in ranks)
-
-
-if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

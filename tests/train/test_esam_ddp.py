@@ -6,15 +6,13 @@ momentum, no weight decay) a DDP step is ``w - lr * mean_r(g_r)``, where ``g_r``
 second-pass gradient of replica r alone; so the reference, computed here in one process, runs
 ``ESAM.step`` (the optimizer's own closure API, not the step helper) on a fresh copy of the model
 for each replica's half of the global batch, from the same weights and generator state, and
-averages the updated weights. The workers are this file run as a script (``subprocess`` with a
-hard timeout, so the test cannot hang).
+averages the updated weights. The workers run this file's ``worker`` in subprocesses
+(``spawn_workers``, with a hard timeout, so the test cannot hang).
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,6 @@ from torch import nn
 
 from samkit.optim import ESAM
 from samkit.train import SharpnessAwareStep
-from samkit.train.distributed import exit_without_teardown
 
 WORLD = 2
 B_LOCAL = 5  # ceil(0.5 * 5) = 3 samples kept per replica (5 of the global 10 would be global SDS)
@@ -102,41 +99,27 @@ def record(opt, model, log):
     opt.first_step, opt.sds_select = first_step_logged, sds_select_logged
 
 
-# -- the worker (this file run as a script) -----------------------------------------------------
+# -- the worker (run in each process by tests/_worker_runner.py) -----------------------------------
 
 
-def worker(rank, port, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        res = {}
-        for criterion in CRITERIA:
-            net = make_net()
-            ddp = nn.parallel.DistributedDataParallel(net)
-            opt = make_esam(net, criterion)
-            log = {"masks": [], "selected": [], "generator": []}
-            record(opt, net, log)
-            step = SharpnessAwareStep(ddp, opt, per_sample_ce)
-            for t in range(STEPS):
-                assert step(*local(t, rank)).took_step is True
-                log["generator"].append(opt.generator.get_state())
-            # the masks as every replica saw them, gathered here too
-            mask = torch.tensor(log["masks"], dtype=torch.int64)
-            gathered = [torch.zeros_like(mask) for _ in range(WORLD)]
-            dist.all_gather(gathered, mask)
-            res[criterion] = {"weights": weights(net), "gathered_masks": gathered, **log}
-        torch.save(res, Path(outdir) / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    exit_without_teardown(0)
+def worker(rank):
+    res = {}
+    for criterion in CRITERIA:
+        net = make_net()
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = make_esam(net, criterion)
+        log = {"masks": [], "selected": [], "generator": []}
+        record(opt, net, log)
+        step = SharpnessAwareStep(ddp, opt, per_sample_ce)
+        for t in range(STEPS):
+            assert step(*local(t, rank)).took_step is True
+            log["generator"].append(opt.generator.get_state())
+        # the masks as every replica saw them, gathered here too
+        mask = torch.tensor(log["masks"], dtype=torch.int64)
+        gathered = [torch.zeros_like(mask) for _ in range(WORLD)]
+        dist.all_gather(gathered, mask)
+        res[criterion] = {"weights": weights(net), "gathered_masks": gathered, **log}
+    return res
 
 
 # -- the reference ------------------------------------------------------------------------------
@@ -230,7 +213,3 @@ def test_esam_ddp_same_swp_mask_per_replica_sds_equals_mean_of_replica_steps(
         # ... and not to ESAM with one global selection
         glob = global_esam(criterion)
         assert max((x - y).abs().max().item() for x, y in zip(a["weights"], glob)) > 1e-6
-
-
-if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

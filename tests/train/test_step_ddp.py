@@ -3,16 +3,14 @@
 Each replica perturbs with its OWN local gradient (first pass, forward included, under
 ``no_sync``) and only the second-pass gradients are all-reduced, so two replicas with b samples
 each must equal ONE process running the helper with ``m = b`` on the global batch of 2b samples.
-The workers are this file run as a script (``subprocess`` with a hard timeout, so the test cannot
-hang); they write their results to ``tmp_path`` and the comparison happens here.
+The workers run this file's ``worker`` in subprocesses (``spawn_workers``, with a hard timeout, so
+the test cannot hang); their results come back here, where the comparison happens.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ from torch import nn
 
 from samkit.optim import SAM
 from samkit.train import SharpnessAwareStep
-from samkit.train.distributed import exit_without_teardown
 
 WORLD = 2
 B_LOCAL = 4  # samples per replica; the global batch has WORLD * B_LOCAL
@@ -82,62 +79,48 @@ def momenta(opt):
     return [s["momentum_buffer"].clone() for s in opt.state_dict()["state"].values()]
 
 
-# -- the worker (this file run as a script) -----------------------------------------------------
+# -- the worker (run in each process by tests/_worker_runner.py) -----------------------------------
 
 
-def worker(rank, port, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        net = make_net()
-        ddp = nn.parallel.DistributedDataParallel(net)
-        opt = make_sam(net)
-        step = SharpnessAwareStep(ddp, opt, per_sample_ce)
-        res = {"init": weights(net)}
-        for t in range(SAM_STEPS):
-            assert step(*local(t, rank)).took_step is True
-        res["sam"], res["sam_momenta"] = weights(net), momenta(opt)
+def worker(rank):
+    net = make_net()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = make_sam(net)
+    step = SharpnessAwareStep(ddp, opt, per_sample_ce)
+    res = {"init": weights(net)}
+    for t in range(SAM_STEPS):
+        assert step(*local(t, rank)).took_step is True
+    res["sam"], res["sam_momenta"] = weights(net), momenta(opt)
 
-        # (c) a non-finite first pass on rank 0 only: both replicas skip
-        net.poison_next = rank == 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = step(*local(SAM_STEPS, rank))
-        res["skip"] = {
-            "took_step": out.took_step,
-            "skipped_steps": step.skipped_steps,
-            "warned": any(issubclass(w.category, RuntimeWarning) for w in caught),
-            "weights": weights(net),
-            "momenta": momenta(opt),
-            "grads_none": all(p.grad is None for p in net.parameters()),
-        }
+    # (c) a non-finite first pass on rank 0 only: both replicas skip
+    net.poison_next = rank == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = step(*local(SAM_STEPS, rank))
+    res["skip"] = {
+        "took_step": out.took_step,
+        "skipped_steps": step.skipped_steps,
+        "warned": any(issubclass(w.category, RuntimeWarning) for w in caught),
+        "weights": weights(net),
+        "momenta": momenta(opt),
+        "grads_none": all(p.grad is None for p in net.parameters()),
+    }
 
-        # gradient accumulation: the synced backward all-reduces the whole accumulated sum
-        acc_step = SharpnessAwareStep(ddp, opt, per_sample_ce, accumulation_steps=ACC)
-        for j in range(ACC):
-            out = acc_step(*local(SAM_STEPS + 1 + j, rank))
-            assert out.took_step is (True if j == ACC - 1 else None)
-        res["acc"] = weights(net)
+    # gradient accumulation: the synced backward all-reduces the whole accumulated sum
+    acc_step = SharpnessAwareStep(ddp, opt, per_sample_ce, accumulation_steps=ACC)
+    for j in range(ACC):
+        out = acc_step(*local(SAM_STEPS + 1 + j, rank))
+        assert out.took_step is (True if j == ACC - 1 else None)
+    res["acc"] = weights(net)
 
-        # sync_perturbations: the first-pass gradients are all-reduced too (global perturbation)
-        net2 = make_net()
-        ddp2 = nn.parallel.DistributedDataParallel(net2)
-        step2 = SharpnessAwareStep(ddp2, make_sam(net2), per_sample_ce, sync_perturbations=True)
-        for t in range(SAM_STEPS):
-            assert step2(*local(t, rank)).took_step is True
-        res["sync"] = weights(net2)
-        torch.save(res, Path(outdir) / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    exit_without_teardown(0)  # results are saved; see its docstring
+    # sync_perturbations: the first-pass gradients are all-reduced too (global perturbation)
+    net2 = make_net()
+    ddp2 = nn.parallel.DistributedDataParallel(net2)
+    step2 = SharpnessAwareStep(ddp2, make_sam(net2), per_sample_ce, sync_perturbations=True)
+    for t in range(SAM_STEPS):
+        assert step2(*local(t, rank)).took_step is True
+    res["sync"] = weights(net2)
+    return res
 
 
 def reference():
@@ -217,7 +200,3 @@ def test_ddp_local_perturbation_equals_m_sharpness_and_skips_together(tmp_path, 
     # accumulation under DDP, after the skipped step, still equals the single-process run
     assert_equal_list(r0["acc"], r1["acc"])
     assert_close_list(r0["acc"], ref["acc"])
-
-
-if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

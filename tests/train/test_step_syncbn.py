@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,6 @@ from torch import nn
 
 from samkit.optim import ESAM, SAM
 from samkit.train import SharpnessAwareStep
-from samkit.train.distributed import exit_without_teardown
 
 WORLD = 2
 B_LOCAL = 4
@@ -119,7 +116,7 @@ def state(model):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-# -- the worker (this file run as a script) -----------------------------------------------------
+# -- the worker (run in each process by tests/_worker_runner.py) -----------------------------------
 
 
 def synced(net, device):
@@ -135,19 +132,22 @@ def synced(net, device):
     return net, ddp
 
 
-def worker(rank, port, outdir):
-    torch.set_num_threads(1)
+def worker_device(rank: int) -> torch.device:
     device = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def worker_backend(rank: int) -> str:
+    """For tests/_worker_runner.py: this rank's device, and the backend that goes with it."""
+    device = worker_device(rank)
     if device.type == "cuda":
-        device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=30),
-    )
+        return "nccl"
+    return "gloo"
+
+
+def worker(rank):
+    device = worker_device(rank)
     calls = {"n": 0}  # collectives issued by this process (SyncBN, DDP's skip agreement, ...)
     for name in ("all_reduce", "all_gather_into_tensor", "all_gather"):
         original = getattr(dist, name)
@@ -157,52 +157,46 @@ def worker(rank, port, outdir):
             return _original(*args, **kw)
 
         setattr(dist, name, counted)
-    try:
-        res = {}
-        # (a) SyncBN + synchronised perturbations == global-batch SAM with ordinary BatchNorm
-        net, ddp = synced(make_net(device), device)
-        step = SharpnessAwareStep(ddp, make_sam(net), per_sample_ce, sync_perturbations=True)
-        for t in range(STEPS):
-            assert step(*local(t, rank, device)).took_step is True
-        res["sync"] = state(net)
+    res = {}
+    # (a) SyncBN + synchronised perturbations == global-batch SAM with ordinary BatchNorm
+    net, ddp = synced(make_net(device), device)
+    step = SharpnessAwareStep(ddp, make_sam(net), per_sample_ce, sync_perturbations=True)
+    for t in range(STEPS):
+        assert step(*local(t, rank, device)).took_step is True
+    res["sync"] = state(net)
 
-        # (b) every pass issues the same collectives on both replicas, failures included
-        cases = {
-            "m_ascent": lambda n: SharpnessAwareStep(
-                n[1], make_sam(n[0], ascent_steps=3), per_sample_ce, m=2
-            ),
-            "esam": lambda n: SharpnessAwareStep(
-                n[1],
-                ESAM(n[0].parameters(), torch.optim.SGD, rho=0.05, lr=0.1, beta=1.0, gamma=0.5),
-                per_sample_ce,
-            ),
+    # (b) every pass issues the same collectives on both replicas, failures included
+    cases = {
+        "m_ascent": lambda n: SharpnessAwareStep(
+            n[1], make_sam(n[0], ascent_steps=3), per_sample_ce, m=2
+        ),
+        "esam": lambda n: SharpnessAwareStep(
+            n[1],
+            ESAM(n[0].parameters(), torch.optim.SGD, rho=0.05, lr=0.1, beta=1.0, gamma=0.5),
+            per_sample_ce,
+        ),
+    }
+    for name, build in cases.items():
+        net, ddp = synced(make_net(device), device)
+        step = build((net, ddp))
+        before = calls["n"]
+        for t in range(2):
+            assert step(*local(t, rank, device)).took_step is True
+        ok_state = state(net)
+        # a non-finite first-pass gradient on rank 0 only (in the second chunk for m = 2)
+        out = _poisoned_step(step, net, rank == 0, local(2, rank, device), delay=0)
+        params = dict(net.named_parameters())  # the first passes still update the buffers
+        res[name] = {
+            "took": out.took_step,
+            "unchanged": all(torch.equal(ok_state[k], p.cpu()) for k, p in params.items()),
+            "calls": calls["n"] - before,
         }
-        for name, build in cases.items():
-            net, ddp = synced(make_net(device), device)
-            step = build((net, ddp))
-            before = calls["n"]
-            for t in range(2):
-                assert step(*local(t, rank, device)).took_step is True
-            ok_state = state(net)
-            # a non-finite first-pass gradient on rank 0 only (in the second chunk for m = 2)
-            out = _poisoned_step(step, net, rank == 0, local(2, rank, device), delay=0)
-            params = dict(net.named_parameters())  # the first passes still update the buffers
-            res[name] = {
-                "took": out.took_step,
-                "unchanged": all(torch.equal(ok_state[k], p.cpu()) for k, p in params.items()),
-                "calls": calls["n"] - before,
-            }
-            if name == "m_ascent":  # ... and in the first of two extra ascent steps, on rank 1 only
-                out = _poisoned_step(step, net, rank == 1, local(3, rank, device), delay=1)
-                res[name]["took_ascent"] = out.took_step
-                res[name]["calls"] = calls["n"] - before
-            res[name]["final"] = state(net)
-        torch.save(res, Path(outdir) / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    exit_without_teardown(0)
+        if name == "m_ascent":  # ... and in the first of two extra ascent steps, on rank 1 only
+            out = _poisoned_step(step, net, rank == 1, local(3, rank, device), delay=1)
+            res[name]["took_ascent"] = out.took_step
+            res[name]["calls"] = calls["n"] - before
+        res[name]["final"] = state(net)
+    return res
 
 
 def _poisoned_step(step, net, poison, batch, delay):
@@ -275,7 +269,3 @@ def test_syncbn_sync_perturbations_equals_global_batch_sam(device, tmp_path, spa
         for key in a["final"]:
             torch.testing.assert_close(a["final"][key], b["final"][key], rtol=0, atol=1e-12)
     assert r0["m_ascent"]["took_ascent"] is False and r1["m_ascent"]["took_ascent"] is False
-
-
-if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
