@@ -211,9 +211,32 @@ def _check_shard(
 
 
 class _EpochMixin:
-    seed: int
-    epoch: int
-    train: bool
+    """What both loaders share: the batching of a data set into (sharded) epochs."""
+
+    def _init_batching(
+        self,
+        dataset: Any,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        epoch: int,
+        drop_last: bool | None,
+        shard: tuple[int, int] | None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.epoch = epoch
+        self.drop_last = (
+            _default_drop_last(dataset, batch_size, train) if drop_last is None else drop_last
+        )
+        self.shard = _check_shard(shard, batch_size, len(dataset), self.drop_last)
+
+    def __len__(self) -> int:
+        return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next ``__iter__`` is epoch ``epoch``, starting at its batch ``start_batch``."""
@@ -262,28 +285,15 @@ class BatchedLoader(_EpochMixin):
         device: torch.device | str | None = None,
         shard: tuple[int, int] | None = None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self._init_batching(dataset, batch_size, train, seed, epoch, drop_last, shard)
         augment = dataset.batch_augment(train)
         if augment is None:
             raise ValueError(
                 f"image_level {dataset.image_level!r} of {dataset.dataset!r} has no batched form; "
                 "use SampleLoader (make_loader picks it)"
             )
-        self.dataset = dataset
         self.augment = augment
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.epoch = epoch
-        self.drop_last = (
-            _default_drop_last(dataset, batch_size, train) if drop_last is None else drop_last
-        )
         self.device = torch.device(device) if device is not None else dataset.images.device
-        self.shard = _check_shard(shard, batch_size, len(dataset), self.drop_last)
-
-    def __len__(self) -> int:
-        return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._next_epoch()
@@ -356,24 +366,11 @@ class SampleLoader(_EpochMixin):
         device: torch.device | str | None = None,
         shard: tuple[int, int] | None = None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self._init_batching(dataset, batch_size, train, seed, epoch, drop_last, shard)
         if workers < 0:
             raise ValueError(f"workers must be >= 0, not {workers}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.epoch = epoch
         self.workers = workers
-        self.drop_last = (
-            _default_drop_last(dataset, batch_size, train) if drop_last is None else drop_last
-        )
         self.device = torch.device(device) if device is not None else None
-        self.shard = _check_shard(shard, batch_size, len(dataset), self.drop_last)
-
-    def __len__(self) -> int:
-        return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Any]:
         epoch, start = self._next_epoch()
