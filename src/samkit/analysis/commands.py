@@ -34,6 +34,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from samkit.cli import (
+    _check_device,
+    _HelpFormatter,
+    _number,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
 __all__ = [
     "CommandError",
     "add_analysis_commands",
@@ -62,36 +72,8 @@ class CommandError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def _number(kind: type, check: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-_positive_int = _number(int, lambda v: v > 0, "a positive integer")
-_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _at_least_two = _number(int, lambda v: v >= 2, "an integer >= 2")
-_positive_float = _number(float, lambda v: v > 0, "a positive number")
-_non_negative_float = _number(float, lambda v: v >= 0, "a non-negative number")
 _finite_float = _number(float, lambda v: True, "a finite number")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` unless the default is None or the help already names it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or "default" in text or action.default is argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,12 +93,12 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, output_help: str) -> Non
     data.add_argument(
         "--num-samples",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         help="examples in the fixed random subset (all of them if the split is smaller)",
     )
     data.add_argument(
-        "--batch-size", metavar="N", type=_positive_int, default=128, help="evaluation batch size"
+        "--batch-size", metavar="N", type=positive_int, default=128, help="evaluation batch size"
     )
     data.add_argument(
         "--split",
@@ -127,7 +109,7 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, output_help: str) -> Non
     data.add_argument(
         "--seed",
         metavar="SEED",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="seed of the subset and of the random vectors / directions",
     )
@@ -148,7 +130,7 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, output_help: str) -> Non
     run.add_argument(
         "--threads",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="CPU threads for torch (default: torch's choice)",
     )
@@ -179,7 +161,7 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
     )
     h = p.add_argument_group("Hessian")
     h.add_argument(
-        "--top-k", metavar="K", type=_positive_int, default=5, help="eigenvalues to compute"
+        "--top-k", metavar="K", type=positive_int, default=5, help="eigenvalues to compute"
     )
     h.add_argument(
         "--method",
@@ -190,7 +172,7 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--max-steps",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="most Lanczos steps for the top-k (default: max(3k, k + 50)) or power iterations "
         "(default: 100); each costs one Hessian-vector product",
@@ -198,7 +180,7 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--tol",
         metavar="TOL",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="relative tolerance (default: 1e-6 on the Lanczos residuals, 1e-5 on the change of "
         "the power-iteration estimate)",
@@ -211,21 +193,21 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--probes",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         help="SLQ: random Rademacher probe vectors",
     )
     h.add_argument(
         "--lanczos-steps",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=80,
         help="SLQ: Lanczos steps per probe",
     )
     h.add_argument(
         "--sigma",
         metavar="S",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="SLQ: width of the Gaussian kernel (default: 0.2%% of the spectrum's span)",
     )
@@ -249,15 +231,15 @@ def _add_sharpness_parser(sub: argparse._SubParsersAction) -> None:
     )
     s = p.add_argument_group("sharpness")
     s.add_argument(
-        "--rho", metavar="RHO", type=_non_negative_float, default=0.05, help="radius of the L2 ball"
+        "--rho", metavar="RHO", type=non_negative_float, default=0.05, help="radius of the L2 ball"
     )
     s.add_argument(
-        "--steps", metavar="K", type=_positive_int, default=1, help="projected ascent steps"
+        "--steps", metavar="K", type=positive_int, default=1, help="projected ascent steps"
     )
     s.add_argument(
         "--m",
         metavar="M",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=[],
         help="chunk sizes for m-sharpness, e.g. --m 32 128 (none by default)",
@@ -265,7 +247,7 @@ def _add_sharpness_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--max-chunks",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="m-sharpness: use at most N chunks per m (default: all N_examples // m)",
     )
@@ -308,7 +290,7 @@ def _add_landscape_parser(sub: argparse._SubParsersAction) -> None:
         "--range",
         dest="span",
         metavar="R",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         help="the directions' coefficients run over [-R, R]",
     )
@@ -417,19 +399,10 @@ def _run_command(command: str, body: Callable[[], None], threads: int | None = N
 def _device(name: str) -> Any:
     import torch
 
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CommandError(f"--device: {name!r} is not a torch device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise CommandError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CommandError(f"--device {name}: MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise CommandError(f"--device {name}: unsupported device type {device.type!r}")
-    return device
+    error = _check_device(name)
+    if error is not None:
+        raise CommandError(error)
+    return torch.device(name)
 
 
 def load_model(path: str, device: Any = "cpu", *, command: str = "", flag: str = "") -> Any:
