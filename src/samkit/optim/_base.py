@@ -136,11 +136,8 @@ class SharpnessAwareOptimizer(Optimizer):
     def _global_norm(self, tensors: list[Tensor], params: list[Tensor], foreach: bool) -> Tensor:
         """L2 norm of ``tensors`` (local, one per ``params[i]``), over all shards when sharded."""
         if self._keys is None:  # which process groups each parameter's norm is summed over
-            key_of, devices = {}, {}
-            for p in (p for g in self.param_groups for p in g["params"]):
-                key_of[p] = key = _sharding.reduce_key(p, self.shard_group)
-                devices.setdefault(key, p.device)  # collectives need the backend's device
-            self._keys = key_of, devices
+            params_all = [p for g in self.param_groups for p in g["params"]]
+            self._keys = _sharding.reduce_keys(params_all, self.shard_group)
         key_of, devices = self._keys
         keys = [key_of[p] for p in params]
         return _sharding.global_norm(tensors, keys, devices, foreach=foreach)

@@ -55,6 +55,19 @@ def reduce_key(param: Tensor, shard_group: Any) -> ReduceKey:
     return (None if shard_group is True else shard_group,)
 
 
+def reduce_keys(
+    params: list[Tensor], shard_group: Any
+) -> tuple[dict[Tensor, ReduceKey], dict[ReduceKey, torch.device]]:
+    """Each parameter's reduce key, and for each key the device its collective runs on (the
+    backend's: the first such parameter's). Compute once per set of parameters."""
+    key_of: dict[Tensor, ReduceKey] = {}
+    devices: dict[ReduceKey, torch.device] = {}
+    for p in params:
+        key_of[p] = key = reduce_key(p, shard_group)
+        devices.setdefault(key, p.device)
+    return key_of, devices
+
+
 def global_norm(
     tensors: list[Tensor],
     keys: list[ReduceKey],

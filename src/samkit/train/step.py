@@ -126,14 +126,16 @@ class SharpnessAwareStep:
         self.bn_stats, self.replay_rng = bn_stats, replay_rng
         self.sync_perturbations = bool(sync_perturbations)
         self._fsdp = fsdp is not None
-        self._shard_group = fsdp if fsdp not in (None, ()) else None
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        # where the plain path's gradient norm is summed (FSDP shards), fixed for these params
+        shard_group = fsdp if fsdp not in (None, ()) else None
+        self._norm_keys = _sharding.reduce_keys(self._params, shard_group)
         self.device = next(model.parameters()).device
         self.amp_dtype = AMP_DTYPES[amp]
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.skipped_plain_steps = 0
         self._micro = 0
         self._failed_pass: str | None = None  # a failure in any micro-batch fails the whole step
-        self._params = [p for g in optimizer.param_groups for p in g["params"]]
         # With SyncBatchNorm every training forward is a collective (see _agree_ok)
         self._sync_bn = any(isinstance(mod, nn.SyncBatchNorm) for mod in model.modules())
 
@@ -281,13 +283,8 @@ class SharpnessAwareStep:
             scaler.unscale_(opt)
         params = [p for p in self._params if p.grad is not None]
         grads = [_sharding.local(p.grad) for p in params]
-        keys = [_sharding.reduce_key(p, self._shard_group) for p in self._params]
-        grad_norm = _sharding.global_norm(
-            grads,
-            [_sharding.reduce_key(p, self._shard_group) for p in params],
-            {key: p.device for key, p in zip(keys, self._params)},
-            foreach=True,
-        )
+        key_of, devices = self._norm_keys
+        grad_norm = _sharding.global_norm(grads, [key_of[p] for p in params], devices, foreach=True)
         finite = bool(torch.isfinite(grad_norm).item())
         if self._distributed():
             flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
