@@ -113,9 +113,12 @@ class SAM(SharpnessAwareOptimizer):
         groups = [(g, ps) for g, ps in self._perturbed if ps]
         all_params = [p for _, ps in groups for p in ps]
         fe = self._foreach(all_params)
-        scalings, directions = [], []  # per group: T (or None) and T g (or g)
+        # per group: the tensors to move (under FSDP this rank's shards; norms sum over them),
+        # T (or None) and T g (or g)
+        shard_groups, scalings, directions = [], [], []
         for group, params in groups:
-            shards = [local(p) for p in params]  # FSDP: this rank's shard; the norm sums them
+            shards = [local(p) for p in params]
+            shard_groups.append(shards)
             clean = shards if first else [self._backup[p] for p in params]
             grads = [
                 local(p.grad) if p.grad is not None else torch.zeros_like(s)
@@ -153,12 +156,10 @@ class SAM(SharpnessAwareOptimizer):
             else:
                 for y in flat:
                     y.clamp_(-1.0, 1.0)
-            F.copy_(
-                [local(p) for p in all_params], [self._backup[p] for p in all_params], foreach=fe
-            )
-        for (group, params), t, us in zip(groups, scalings, base):
+            all_shards = [t for ts in shard_groups for t in ts]
+            F.copy_(all_shards, [self._backup[p] for p in all_params], foreach=fe)
+        for (group, _), shards, t, us in zip(groups, shard_groups, scalings, base):
             rho = group["rho"] * rho_factor * coef
-            shards = [local(p) for p in params]
             if t is None:
                 F.add_(shards, us, alpha=rho, foreach=fe)
             else:  # e = rho T y: for p = 2 that is rho T^2 g / ||T g||
