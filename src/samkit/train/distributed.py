@@ -3,8 +3,8 @@
 ``torchrun --nproc_per_node N -m samkit train ...`` starts N processes with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR`` / ``MASTER_PORT``) in their environment.
 :func:`from_env` reads them; :func:`init_process_group` joins the group with NCCL when training
-on CUDA and gloo otherwise. The helpers below cut every rank's share out of a global batch or an
-evaluation set.
+on CUDA and gloo otherwise. :func:`eval_shard` cuts every rank's share out of an evaluation set
+(training batches are sharded by the loader: ``make_loader(..., shard=(rank, world_size))``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ __all__ = [
     "exit_without_teardown",
     "from_env",
     "init_process_group",
-    "local_slice",
     "sync_bn_supported",
 ]
 
@@ -88,15 +87,6 @@ def convert_sync_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int
 
     count = sum(isinstance(m, _BatchNorm) for m in model.modules())
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model), count
-
-
-def local_slice(batch_size: int, info: DistInfo) -> slice:
-    """This rank's rows of a global batch of ``batch_size`` (``batch_size % world == 0``).
-
-    ``samkit train`` no longer slices batches: its training loader is sharded
-    (``make_loader(..., shard=(rank, world_size))``) and yields these rows only."""
-    per_rank = batch_size // info.world_size
-    return slice(info.rank * per_rank, (info.rank + 1) * per_rank)
 
 
 def eval_shard(n: int, info: DistInfo) -> range:
