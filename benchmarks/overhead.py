@@ -60,6 +60,15 @@ Derived numbers:
   as a fraction of the whole raw SAM step, every phase timed inside the same step (the SAM phase
   breakdown), so no other variant's noise enters it.
 
+Allocator (CPU): by default (``--malloc tuned``) the script first tells glibc's malloc to keep
+freed memory (``mallopt``: mmap threshold 32 MiB, its maximum, and no trimming). Under glibc's own
+settings (``--malloc default``) a loop of bare training steps hands its activations and gradients
+back to the kernel after every step and page-faults them in again: thousands of faults per step
+(column ``faults``), a fifth of the step time here, and an amount that changes from run to run and
+drowns ratios such as SAM / SGD. ``samkit train``'s loop is not slowed this way (it ran equally
+fast under both settings; ``benchmarks/README.md``), so the tuned setting is also the closer one to
+real training. The JSON records what was done (``machine.malloc``).
+
 Memory: each variant is also run in a fresh subprocess (``--_memory-probe``): build the model,
 optimizer and batch, ``gc.collect()`` and glibc ``malloc_trim(0)`` (so the RSS is live memory),
 reset the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0), run 3
@@ -125,6 +134,7 @@ QUICK_TIMING = (3, 1, 0, 1)
 BUDGET_S = {"small_cnn": 120.0, "mlp_30m": 180.0, "wrn_28_10": 300.0}
 QUICK_BUDGET_S = 5.0
 TASKS_DIR = Path("/proc/self/task")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc <malloc.h>
 QUIET_THRESHOLD = 0.05  # "quiet" sample: our threads waited for a CPU < 5% of its wall time
 MIN_QUIET = 3  # fewer quiet samples than this: statistics fall back to all samples
 
@@ -317,12 +327,14 @@ class Window:
     def __enter__(self) -> Window:
         sync(self.device)
         self.s0 = sched_us()
+        self.faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         sync(self.device)
         self.wall = time.perf_counter() - self.t0
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults0
         s1 = sched_us()
         if self.s0 is None or s1 is None:
             self.cpu_ms = self.stall = None
@@ -333,12 +345,13 @@ class Window:
 
 def timed(
     fn: Callable[[], None], n: int, device: torch.device
-) -> tuple[float, float | None, float | None]:
-    """Per call: mean wall ms, the wait fraction of the window, mean on-CPU ms (all threads)."""
+) -> tuple[float, float | None, float | None, float]:
+    """Per call: mean wall ms, the wait fraction of the window, mean on-CPU ms (all threads),
+    mean minor page faults."""
     with Window(device) as w:
         for _ in range(n):
             fn()
-    return w.wall * 1e3 / n, w.stall, None if w.cpu_ms is None else w.cpu_ms / n
+    return w.wall * 1e3 / n, w.stall, None if w.cpu_ms is None else w.cpu_ms / n, w.faults / n
 
 
 def quantiles(xs: list[float]) -> dict[str, float]:
@@ -353,12 +366,16 @@ class Samples:
         self.ms: dict[str, list[float]] = {n: [] for n in names}
         self.stall: dict[str, list[float | None]] = {n: [] for n in names}
         self.cpu_ms: dict[str, list[float | None]] = {n: [] for n in names}
+        self.faults: dict[str, list[float]] = {n: [] for n in names}
         self.threshold = threshold
 
-    def add(self, name: str, ms: float, stall: float | None, cpu_ms: float | None) -> None:
+    def add(
+        self, name: str, ms: float, stall: float | None, cpu_ms: float | None, faults: float
+    ) -> None:
         self.ms[name].append(ms)
         self.stall[name].append(stall)
         self.cpu_ms[name].append(cpu_ms)
+        self.faults[name].append(faults)
 
     def is_quiet(self, name: str, i: int) -> bool:
         s = self.stall[name][i]
@@ -597,6 +614,20 @@ def memory_probe(model_name: str, variant: str, quick: bool, device: torch.devic
     }
 
 
+def retain_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory (see "Allocator" above); says what was done."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return "left alone: the C library is not glibc"
+    if "MALLOC_" in " ".join(os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "left alone: the environment configures glibc's malloc"
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    # mmap threshold first: setting either value stops glibc adapting it, and its fixed 128 KiB
+    # start would then map and unmap nearly every tensor
+    if mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 or mallopt(M_TRIM_THRESHOLD, -1) != 1:
+        return "glibc refused mallopt (settings may be half applied)"
+    return "glibc malloc keeps freed memory: mallopt mmap threshold 32 MiB, trim threshold -1"
+
+
 def _malloc_trim() -> bool:
     try:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
@@ -617,6 +648,7 @@ def run_memory_probe_subprocess(
     ]
     if args.quick:
         cmd.append("--quick")
+    cmd += ["--malloc", args.malloc]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ)
@@ -689,13 +721,15 @@ def print_model_table(name: str, res: dict[str, Any]) -> None:
     )
     print(
         f"{'variant':<15} {'median ms':>9} {'quiet/all':>9} {'p25-p75 ms':>15} {'min ms':>7} "
-        f"{'cpu ms':>7} {'x SGD':>6} {'x SGD pair':>10} {'peak mem MB':>11}  description"
+        f"{'cpu ms':>7} {'faults':>6} {'x SGD':>6} {'x SGD pair':>10} {'peak mem MB':>11}  "
+        "description"
     )
     for v, r in res["variants"].items():
         print(
             f"{v:<15} {r['median_ms']:>9.1f} {r['n_quiet']:>4}/{r['n_all']:<4} "
             f"{r['p25_ms']:>7.1f}-{r['p75_ms']:<7.1f} {r['min_ms']:>7.1f} "
-            f"{fmt_ms(r['median_cpu_ms_all']):>7} {r['ratio_to_sgd']:>6.3f} "
+            f"{fmt_ms(r['median_cpu_ms_all']):>7} {r['median_page_faults']:>6.0f} "
+            f"{r['ratio_to_sgd']:>6.3f} "
             f"{r['paired_ratio_to_sgd']:>10.3f} "
             f"{fmt_mem(r.get('memory')):>11}  {VARIANTS[v]}"
         )
@@ -756,6 +790,8 @@ def summarise(samples: Samples, memory: dict[str, dict], model_name: str) -> dic
             "median_cpu_ms_all": statistics.median(cpu) if cpu else None,
             "samples_cpu_wait_fraction": samples.stall[v],
             "samples_cpu_ms": samples.cpu_ms[v],
+            "median_page_faults": statistics.median(samples.faults[v]),
+            "samples_page_faults": samples.faults[v],
         }
         if v in memory:
             variants[v]["memory"] = memory[v]
@@ -864,6 +900,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="max fraction of a sample's wall time our threads may wait for a CPU (schedstat "
         "run_delay) for it to count as quiet (default %(default)s)",
     )
+    p.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned (default): glibc's malloc keeps freed memory (mallopt); default: glibc's own "
+        "settings, under which the bare step loops page-fault their memory back in every step "
+        "(slower, and noisier from run to run); see the module docstring",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--no-breakdown", action="store_true", help="skip the SAM phase breakdown")
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
@@ -875,6 +919,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    malloc = (
+        retain_freed_memory()
+        if args.malloc == "tuned" and device.type == "cpu"
+        else f"left alone (--malloc {args.malloc}, device {device.type})"
+    )
 
     if args.memory_probe:
         model_name, variant = args.memory_probe.split(":")
@@ -882,11 +931,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    print(f"malloc: {malloc}", flush=True)
     started = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "samkit optimizer step-time overhead",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
+        "machine": {**machine_info(device), "malloc": malloc},
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "config": {
             "quick": args.quick,
