@@ -1,0 +1,78 @@
+"""The benchmark scripts run end to end and write the JSON their READMEs describe.
+
+Smoke runs with tiny settings: they check the scripts work, not their timings (which only mean
+something on a quiet machine, in a full run).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: float = 300) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_overhead_quick_run_writes_every_variant_target_and_the_allocator_setting(tmp_path):
+    out = tmp_path / "overhead.json"
+    stdout = run("overhead.py", "--quick", "--models", "small_cnn,wrn_28_10", "--output", str(out))
+    result = json.loads(out.read_text())
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    malloc = result["machine"]["malloc"]
+    assert malloc.startswith("glibc malloc keeps freed memory" if glibc else "left alone"), malloc
+    assert stdout.startswith(f"malloc: {malloc}\n")
+    for name, model in result["models"].items():
+        variants = model["variants"]
+        assert set(variants) == {
+            "sgd",
+            "fwd_bwd_1x",
+            "fwd_bwd_2x",
+            "sam",
+            "sam_no_foreach",
+            "sam_helper",
+            "esam_sharpness",
+            "esam_loss",
+        }
+        rounds = model["timing"]["rounds"]
+        for v in variants.values():
+            assert v["median_ms"] > 0 and v["median_page_faults"] >= 0
+            assert len(v["samples_page_faults"]) == len(v["samples_ms"]) == rounds
+        assert variants["sgd"]["ratio_to_sgd"] == 1.0
+        assert variants["sam"]["memory"]["delta_mb"] >= 0  # --quick probes sgd and sam
+        targets = {t["name"]: t for t in model["targets"]}
+        assert f"ESAM(loss)/SGD ({name})" in targets
+        assert f"optimizer-only overhead % of SAM step, in-step ({name})" in targets
+        assert ("SAM/SGD (small CNN)" in targets) == (name == "small_cnn")
+        for t in targets.values():
+            assert t["met"] == (t["value"] <= t["limit"])
+        share = model["breakdown"]["foreach=True"]["optimizer_share_pct"]
+        assert 0 < share < 100
+
+
+def test_overhead_can_leave_the_allocator_alone(tmp_path):
+    out = tmp_path / "overhead.json"
+    args = ["--quick", "--models", "small_cnn", "--no-memory", "--no-breakdown"]
+    run("overhead.py", *args, "--malloc", "default", "--output", str(out))
+    assert json.loads(out.read_text())["machine"]["malloc"].startswith("left alone")
+
+
+def test_ddp_scaling_smoke_run_measures_all_six_configurations(tmp_path):
+    out = tmp_path / "ddp.json"
+    run("ddp_scaling.py", "--steps", "2", "--repeats", "1", "--warmup", "1", "--output", str(out))
+    rows = json.loads(out.read_text())["results"]
+    configs = {(r["optimizer"], r["processes"], r["threads_per_process"]) for r in rows}
+    assert configs == {(o, p, t) for o in ("sgd", "sam") for p, t in ((1, 1), (1, 2), (2, 1))}
+    assert all(r["images_per_sec"] > 0 for r in rows)
