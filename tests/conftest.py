@@ -1,50 +1,14 @@
-"""Shared fixtures: tiny Fashion-MNIST-format data sets written in the real IDX gzip format."""
+"""Shared fixtures: one intra-op thread per test, tiny Fashion-MNIST data sets (the writers are in
+data_formats.py), empty default data locations, and two-process worker groups."""
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """``array`` encoded as an IDX file: 0, 0, type code, ndim, big-endian dims, data."""
-    dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
-    code = IDX_TYPE_CODES[np.dtype(dtype)]
-    header = struct.pack(">HBB", 0, code, array.ndim)
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=dtype).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> Path:
-    data = idx_bytes(array)
-    path.write_bytes(gzip.compress(data) if compress else data)
-    return path
-
-
-def write_fashion_mnist(
-    directory: Path, n_train: int = 64, n_test: int = 32, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Write the four Fashion-MNIST files with random content; return the arrays written."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
-        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "test_labels": (np.arange(n_test) % 10).astype(np.uint8),
-    }
-    write_idx(directory / "train-images-idx3-ubyte.gz", arrays["train_images"])
-    write_idx(directory / "train-labels-idx1-ubyte.gz", arrays["train_labels"])
-    write_idx(directory / "t10k-images-idx3-ubyte.gz", arrays["test_images"])
-    write_idx(directory / "t10k-labels-idx1-ubyte.gz", arrays["test_labels"])
-    return arrays
+from data_formats import idx_bytes, write_fashion_mnist, write_idx
 
 
 @pytest.fixture(autouse=True)
@@ -58,13 +22,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def fashion_mnist_writer():
-    """:func:`write_fashion_mnist`, for test modules that need their own (e.g. module-scoped)
-    data set: importing it as ``conftest`` would pick whichever conftest module loaded first."""
-    return write_fashion_mnist
 
 
 @pytest.fixture

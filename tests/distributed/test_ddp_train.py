@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from data_formats import write_fashion_mnist
 from samkit.train.checkpoint import load_latest_checkpoint
 
 pytestmark = pytest.mark.skipif(
@@ -131,9 +132,9 @@ def max_param_diff(a: Path, b: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, fashion_mnist_writer) -> Path:
+def data(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("ddp") / "fmnist"
-    fashion_mnist_writer(directory, n_train=64, n_test=33, seed=3)
+    write_fashion_mnist(directory, n_train=64, n_test=33, seed=3)
     return directory
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from train_helpers import write_cifar, write_fashion_mnist, write_image_folder, write_svhn_mat
+
+from data_formats import write_cifar, write_fashion_mnist, write_image_folder, write_svhn_mat
 
 
 @pytest.fixture(scope="session")

@@ -1,30 +1,11 @@
-"""Helpers of the ``samkit train`` tests: data writers (from the other conftest files), reading
-a run's outputs, comparing weights."""
+"""Helpers of the ``samkit train`` tests: reading a run's outputs, comparing weights."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
-
-
-def _load(path: Path, name: str):
-    """The writers live in other conftest files; load them by path under a unique name."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_TESTS = Path(__file__).resolve().parents[1]
-_idx = _load(_TESTS / "conftest.py", "_samkit_tests_idx_writers")
-_formats = _load(_TESTS / "data" / "conftest.py", "_samkit_tests_format_writers")
-write_fashion_mnist = _idx.write_fashion_mnist
-write_cifar = _formats.write_cifar
-write_svhn_mat = _formats.write_svhn_mat
-write_image_folder = _formats.write_image_folder
 
 # One thread: torch's worker threads slow down many times over when another process keeps the
 # cores busy; the tests run steadily on one.
