@@ -64,10 +64,10 @@ Allocator (CPU): by default (``--malloc tuned``) the script first tells glibc's 
 freed memory (``mallopt``: mmap threshold 32 MiB, its maximum, and no trimming). Under glibc's own
 settings (``--malloc default``) a loop of bare training steps hands its activations and gradients
 back to the kernel after every step and page-faults them in again: thousands of faults per step
-(column ``faults``), a fifth of the step time here, and an amount that changes from run to run and
-drowns ratios such as SAM / SGD. ``samkit train``'s loop is not slowed this way (it ran equally
-fast under both settings; ``benchmarks/README.md``), so the tuned setting is also the closer one to
-real training. The JSON records what was done (``machine.malloc``).
+(column ``faults``), which slow the steps by an amount that changes from run to run and drown
+ratios such as SAM / SGD. ``samkit train``'s loop is not slowed this way (it was no faster under
+the tuned setting; ``benchmarks/README.md``), so the tuned setting is also the closer one to real
+training. The JSON records what was done (``machine.malloc``).
 
 Memory: each variant is also run in a fresh subprocess (``--_memory-probe``): build the model,
 optimizer and batch, ``gc.collect()`` and glibc ``malloc_trim(0)`` (so the RSS is live memory),
@@ -618,7 +618,8 @@ def retain_freed_memory() -> str:
     """Make glibc's malloc keep freed memory (see "Allocator" above); says what was done."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return "left alone: the C library is not glibc"
-    if "MALLOC_" in " ".join(os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    configured = any(name.startswith("MALLOC_") for name in os.environ)
+    if configured or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "left alone: the environment configures glibc's malloc"
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     # mmap threshold first: setting either value stops glibc adapting it, and its fixed 128 KiB
