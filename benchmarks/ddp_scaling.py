@@ -41,6 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     from samkit.models import create_model
     from samkit.optim import SAM
     from samkit.train import SharpnessAwareStep
+    from samkit.train.distributed import exit_without_teardown
 
     torch.set_num_threads(args.threads)
     world, rank = args.world, args.rank
@@ -81,7 +82,9 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         print(json.dumps({"seconds": seconds}), flush=True)
     if world > 1:
-        dist.destroy_process_group()
+        # Not destroy_process_group(): gloo's C++ teardown races with the other rank's exit and
+        # can abort a finished worker (SIGABRT); leave after the barrier above, like samkit train.
+        exit_without_teardown()
 
 
 def free_port() -> int:
