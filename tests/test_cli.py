@@ -68,6 +68,24 @@ def test_bad_flags_exit_2_with_message(argv, message, capsys):
     assert err.startswith("samkit")
 
 
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_under_torchrun_usage_errors_are_printed_once_per_node(local_rank, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SystemExit) as info:  # found by the argument parser
+        main(["train", "--frobnicate"])
+    assert info.value.code == 2
+    # found after parsing, from two flags together
+    assert main(["train", "--optimizer", "sgd", "--sam-rho", "0.1"]) == 2
+    err = capsys.readouterr().err
+    if local_rank == "0":
+        assert "unrecognized arguments: --frobnicate" in err
+        assert "--sam-rho 0.1: has no effect with --optimizer sgd" in err
+    else:  # the same messages would repeat local rank 0's
+        assert err == ""
+
+
 def test_unknown_model_and_device(fmnist_dir, tmp_path, capsys):
     assert main(["train", "--model", "nope", "--data-dir", str(fmnist_dir)]) == 2
     err = capsys.readouterr().err

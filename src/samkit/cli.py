@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,18 @@ from collections.abc import Callable, Sequence
 __all__ = ["build_parser", "main"]
 
 PROG = "samkit"
+
+
+def repeats_local_rank_zero() -> bool:
+    """True in a torchrun process other than its node's first (``LOCAL_RANK`` > 0 of a group).
+
+    A usage error depends only on the command line and the node's files, so such a process would
+    print local rank 0's message again (eight copies on an 8-GPU node); it exits silently instead.
+    """
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ["LOCAL_RANK"]) > 0
+    except (KeyError, ValueError):
+        return False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +49,8 @@ class _Parser(argparse.ArgumentParser):
             used = [a.split("=", 1)[0] for a in getattr(self, "_argv", [])]
             name = next((n for n in names if n in used), names[0])
             message = f"argument {name}: " + message[match.end() :]
+        if repeats_local_rank_zero():
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 

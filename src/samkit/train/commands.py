@@ -18,6 +18,7 @@ from samkit.cli import (
     non_negative_int,
     positive_float,
     positive_int,
+    repeats_local_rank_zero,
 )
 from samkit.train.config import SEED_DEFAULTS, TrainConfig
 
@@ -717,7 +718,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except UsageError as exc:
-        return _fail("train", str(exc))
+        return 2 if repeats_local_rank_zero() else _fail("train", str(exc))
 
     from samkit.data import DataFormatError, DataNotFoundError
     from samkit.train.checkpoint import CheckpointError
