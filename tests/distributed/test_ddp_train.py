@@ -192,8 +192,9 @@ def test_only_rank_0_writes_and_evaluation_is_exact(runs):
     assert ref["num_examples"] == 33
 
 
-def test_resume_after_killing_the_job(runs, data, tmp_path):
-    run = tmp_path / "killed"
+def _launch_until_first_checkpoint(run: Path, data: Path) -> subprocess.Popen:
+    """Start a slowed-down 2-process job in ``run``; return it, still running, once its first
+    checkpoint exists. The caller stops it (the job is killed if waiting fails)."""
     args = [*COMMON, "--data-dir", str(data), "--run-dir", str(run)]
     proc = _launch(args, 2, env={"SAMKIT_TEST_STEP_DELAY": "0.4"})
     deadline = time.monotonic() + TIMEOUT
@@ -203,8 +204,16 @@ def test_resume_after_killing_the_job(runs, data, tmp_path):
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
         time.sleep(0.5)
-    finally:
-        _kill_group(proc)  # SIGKILL torchrun and both workers mid-run
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return proc
+
+
+def test_resume_after_killing_the_job(runs, data, tmp_path):
+    run = tmp_path / "killed"
+    proc = _launch_until_first_checkpoint(run, data)
+    _kill_group(proc)  # SIGKILL torchrun and both workers mid-run
     assert not (run / "summary.json").exists()
     out = train(run, data, [], 2)
     assert "resuming from" in out
@@ -260,15 +269,8 @@ def test_sync_perturbations_is_refused_with_esam(capsys):
 
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_and_saves(runs, data, tmp_path):
     run = tmp_path / "terminated"
-    args = [*COMMON, "--data-dir", str(data), "--run-dir", str(run)]
-    proc = _launch(args, 2, env={"SAMKIT_TEST_STEP_DELAY": "0.4"})
-    deadline = time.monotonic() + TIMEOUT
+    proc = _launch_until_first_checkpoint(run, data)
     try:
-        while not list((run / "checkpoints").glob("ckpt-*.pt")) if run.exists() else True:
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.1)
-        time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
         code, out = _finish(proc, timeout=60)
     finally:
