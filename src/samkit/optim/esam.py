@@ -31,6 +31,11 @@ from samkit.optim._sharding import is_dtensor
 from samkit.optim.sam import SAM
 
 SDS_CRITERIA = ("sharpness", "loss")
+#: Raised for sharded parameters: here for DTensors (FSDP2), by the step helper for FSDP1.
+FSDP_UNSUPPORTED = (
+    "ESAM with FSDP-sharded parameters is not supported: its weight masks toggle requires_grad "
+    "on sharded parameters; use SAM, or DDP for ESAM"
+)
 
 
 class ESAM(SAM):
@@ -72,10 +77,7 @@ class ESAM(SAM):
             raise ValueError("ESAM takes one ascent step; use SAM for ascent_steps > 1")
         super().__init__(params, base_optimizer, rho, **kwargs)
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            raise ValueError(
-                "ESAM with FSDP-sharded (DTensor) parameters is not supported: its weight masks "
-                "toggle requires_grad on sharded parameters; use SAM, or DDP for ESAM"
-            )
+            raise ValueError(FSDP_UNSUPPORTED)
         self.beta, self.gamma, self.sds_criterion = beta, gamma, sds_criterion
         self.generator = torch.Generator().manual_seed(seed)
         self.last_kept_fraction = 1.0

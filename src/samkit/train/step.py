@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 
 from samkit.optim import ESAM, SAM, _sharding
 from samkit.optim import _functional as F
+from samkit.optim.esam import FSDP_UNSUPPORTED as ESAM_FSDP_UNSUPPORTED
 
 BN_STATS = ("first", "second", "both")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,10 +108,7 @@ class SharpnessAwareStep:
                     "None (or True)"
                 )
             if isinstance(optimizer, ESAM):
-                raise ValueError(
-                    "ESAM with FSDP-sharded parameters is not supported (its weight masks toggle "
-                    "requires_grad on sharded parameters); use SAM, or DDP for ESAM"
-                )
+                raise ValueError(ESAM_FSDP_UNSUPPORTED)
             sync_perturbations = True
         if sync_perturbations and isinstance(optimizer, ESAM):
             raise ValueError(
