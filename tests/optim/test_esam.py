@@ -268,6 +268,28 @@ def test_sds_select_directly():
     assert opt.sds_select(l0, l1) is None
 
 
+def test_select_samples_computes_the_perturbed_losses_only_when_needed():
+    opt = ESAM([torch.zeros(1, requires_grad=True)], SGD, gamma=0.3, lr=0.1)
+    l0 = torch.tensor([1.0, 5.0, 2.0, 0.0, 3.0, 9.0, 4.0, 8.0, 7.0, 6.0])
+    l1 = l0 + torch.tensor([0.5, 0.1, 0.9, 0.0, 0.8, 0.2, 0.3, 0.05, 0.6, 0.4])
+    calls = []
+
+    def perturbed():
+        calls.append(torch.is_grad_enabled())
+        return l1
+
+    assert opt.select_samples(l0, perturbed).tolist() == [2, 4, 8]
+    assert calls == [False]  # once, without autograd
+    with pytest.raises(ValueError, match="sharpness"):
+        opt.select_samples(l0)
+    opt.sds_criterion = "loss"
+    assert opt.select_samples(l0, perturbed).tolist() == [5, 7, 8]
+    assert opt.select_samples(l0).tolist() == [5, 7, 8]
+    opt.sds_criterion, opt.gamma = "sharpness", 1.0
+    assert opt.select_samples(l0, perturbed) is None
+    assert calls == [False]
+
+
 # ---------------------------------------------------------------- SWP
 
 

@@ -1,6 +1,28 @@
-"""Sharpness-aware optimizers: each wraps any ``torch.optim`` optimizer."""
+"""Sharpness-aware optimizers: each wraps any ``torch.optim`` optimizer.
+
+``SAM`` and ``ESAM`` are the optimizers; ``samkit.optim.registry`` lists the training methods and
+their options (``create_optimizer("esam", params, torch.optim.SGD, beta=0.6, lr=0.1)``);
+``samkit.optim.numerics`` holds the gradient norms, clipping and the guarded step they share.
+"""
 
 from samkit.optim.esam import ESAM
+from samkit.optim.registry import (
+    OptimInfo,
+    OptimOption,
+    create_optimizer,
+    get_optimizer_info,
+    list_optimizers,
+    register_optimizer,
+)
 from samkit.optim.sam import SAM
 
-__all__ = ["ESAM", "SAM"]
+__all__ = [
+    "ESAM",
+    "OptimInfo",
+    "OptimOption",
+    "SAM",
+    "create_optimizer",
+    "get_optimizer_info",
+    "list_optimizers",
+    "register_optimizer",
+]

@@ -3,8 +3,6 @@ weights, the guarded base step, and checkpoints. The ascent itself lives in ``sa
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim import _functional as F
-from samkit.optim import _sharding
+from samkit.optim import numerics
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -68,7 +66,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.state = self.base_optimizer.state
         self.foreach = foreach
         if shard_group not in (None, False) and any(
-            _sharding.is_dtensor(p) for g in self.param_groups for p in g["params"]
+            numerics.is_dtensor(p) for g in self.param_groups for p in g["params"]
         ):
             raise ValueError(
                 "shard_group is for plain-tensor shards (FSDP1 flat parameters); DTensor "
@@ -108,7 +106,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._failed_pass = self._failed_pass or reason
 
     def _save_clean(self, params: list[Tensor], foreach: bool) -> None:
-        shards = [_sharding.local(p) for p in params]  # all arithmetic is on this rank's shard
+        shards = [numerics.local(p) for p in params]  # all arithmetic is on this rank's shard
         for p, shard in zip(params, shards):
             if p not in self._backup or self._backup[p].shape != shard.shape:
                 self._backup[p] = torch.empty_like(shard, memory_format=torch.preserve_format)
@@ -119,14 +117,14 @@ class SharpnessAwareOptimizer(Optimizer):
         """Restore, in place, exactly the tensors that were perturbed (no-op when none)."""
         params = [p for _, ps in self._perturbed for p in ps]
         if params:
-            shards = [_sharding.local(p) for p in params]
+            shards = [numerics.local(p) for p in params]
             F.copy_(shards, [self._backup[p] for p in params], foreach=self._foreach(shards))
         self._perturbed = []
 
     def _local_grads(self) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters that have a gradient, and this rank's shard of each gradient."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return params, [_sharding.local(p.grad) for p in params]
+        return params, [numerics.local(p.grad) for p in params]
 
     def grad_norm(self) -> Tensor:
         """Global L2 norm (float32 at least) of the current gradients of all parameters."""
@@ -137,42 +135,43 @@ class SharpnessAwareOptimizer(Optimizer):
         """L2 norm of ``tensors`` (local, one per ``params[i]``), over all shards when sharded."""
         if self._keys is None:  # which process groups each parameter's norm is summed over
             params_all = [p for g in self.param_groups for p in g["params"]]
-            self._keys = _sharding.reduce_keys(params_all, self.shard_group)
+            self._keys = numerics.reduce_keys(params_all, self.shard_group)
         key_of, devices = self._keys
         keys = [key_of[p] for p in params]
-        return _sharding.global_norm(tensors, keys, devices, foreach=foreach)
+        return numerics.global_norm(tensors, keys, devices, foreach=foreach)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, max_grad_norm: float | None = None) -> bool:
         """Restore ``w`` and apply the base optimizer with the current (second-pass) gradient.
 
         ``max_grad_norm`` clips that gradient by its global norm first. Returns False, with a
-        warning and ``skipped_steps += 1``, when a non-finite gradient in any pass skipped the step.
+        warning and ``skipped_steps += 1``, when a non-finite gradient in any pass skipped the step
+        (see ``samkit.optim.numerics.guarded_step``).
         """
         self.unperturb()
-        grad_norm = self.grad_norm()
+        params, grads = self._local_grads()
+        foreach = self._foreach(grads)
+        grad_norm = self._global_norm(grads, params, foreach)
         self.last_grad_norm = grad_norm
-        norm_value = grad_norm.item()  # the one device sync of this step
-        failed = self._failed_pass or (None if math.isfinite(norm_value) else "second")
-        self._failed_pass = None
-        if failed:
-            self.skipped_steps += 1
-            warnings.warn(
-                f"{type(self).__name__}: non-finite gradient in the {failed} pass; step skipped, "
-                f"weights and optimizer state unchanged ({self.skipped_steps} skipped so far)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        else:
-            if max_grad_norm is not None and norm_value > max_grad_norm:
-                _, grads = self._local_grads()
-                coef = max_grad_norm / (norm_value + 1e-6)
-                F.scale_(grads, coef, foreach=self._foreach(grads))
-            self.base_optimizer.step()
+        failed_pass, self._failed_pass = self._failed_pass, None
+        took = numerics.guarded_step(
+            self.base_optimizer.step,
+            grads,
+            grad_norm,
+            max_grad_norm=max_grad_norm,
+            failed_pass=failed_pass,
+            this_pass="second",
+            owner=type(self).__name__,
+            skipped_before=self.skipped_steps,
+            foreach=foreach,
+        )
+        if took:
             self._opt_called = True  # tells an LR scheduler attached to this object a step ran
+        else:
+            self.skipped_steps += 1
         if zero_grad:
             self.zero_grad()
-        return not failed
+        return took
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, plus samkit's counters under ``"samkit"``."""

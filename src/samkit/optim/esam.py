@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim._base import ParamsT
-from samkit.optim._sharding import is_dtensor
+from samkit.optim.numerics import is_dtensor
 from samkit.optim.sam import SAM
 
 SDS_CRITERIA = ("sharpness", "loss")
@@ -131,6 +131,26 @@ class ESAM(SAM):
             score = perturbed_losses - clean_losses
         return torch.topk(score.detach().flatten(), k, sorted=False).indices.sort().values
 
+    def select_samples(
+        self,
+        clean_losses: Tensor,
+        perturbed_losses: Callable[[], Tensor] | None = None,
+    ) -> Tensor | None:
+        """SDS after a successful ``first_step``: the indices (sorted) the second pass keeps.
+
+        ``clean_losses`` are the per-sample losses at ``w`` (first pass). ``perturbed_losses()``
+        computes the per-sample losses of the same batch at the current weights ``w + e``; it is
+        called, under ``torch.no_grad()``, exactly when ``needs_perturbed_losses`` (and only
+        then may it be None). ``None`` means the whole batch (see ``sds_select``).
+        """
+        perturbed = None
+        if self.needs_perturbed_losses:
+            if perturbed_losses is None:
+                raise ValueError('sds_criterion="sharpness" needs the per-sample losses at w + e')
+            with torch.no_grad():
+                perturbed = perturbed_losses()
+        return self.sds_select(clean_losses, perturbed)
+
     def step(self, closure: Callable[[Tensor | None], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One ESAM step; returns the mean first-pass loss over the whole batch."""
         if closure is None:
@@ -145,11 +165,7 @@ class ESAM(SAM):
             if clean.requires_grad:  # False only when SWP dropped every tensor
                 clean.mean().backward()
         ok = self.first_step()
-        perturbed = None
-        if ok and self.needs_perturbed_losses:
-            with torch.no_grad():
-                perturbed = _per_sample(closure(None))
-        index = self.sds_select(clean, perturbed) if ok else None
+        index = self.select_samples(clean, lambda: _per_sample(closure(None))) if ok else None
         self.zero_grad(set_to_none=True)
         if ok:
             with torch.enable_grad():

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from samkit.optim import _functional as F
 from samkit.optim._base import ParamsT, SharpnessAwareOptimizer
-from samkit.optim._sharding import local
+from samkit.optim.numerics import local
 
 
 class SAM(SharpnessAwareOptimizer):

@@ -36,7 +36,6 @@ Any other optimizer gets one plain pass with the same AMP, accumulation and clip
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from samkit.optim import ESAM, SAM, _sharding
-from samkit.optim import _functional as F
+from samkit.optim import ESAM, SAM, numerics
 from samkit.optim.esam import FSDP_UNSUPPORTED as ESAM_FSDP_UNSUPPORTED
 
 BN_STATS = ("first", "second", "both")
@@ -127,7 +125,7 @@ class SharpnessAwareStep:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         # where the plain path's gradient norm is summed (FSDP shards), fixed for these params
         shard_group = fsdp if fsdp not in (None, ()) else None
-        self._norm_keys = _sharding.reduce_keys(self._params, shard_group)
+        self._norm_keys = numerics.reduce_keys(self._params, shard_group)
         self.device = next(model.parameters()).device
         self.amp_dtype = AMP_DTYPES[amp]
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
@@ -198,11 +196,12 @@ class SharpnessAwareStep:
         self._failed_pass = self._failed_pass or opt.failed_pass
         index = None
         if esam and ok:  # after a failed first pass the step is skipped: no selection needed
-            perturbed = None
-            if opt.needs_perturbed_losses:
-                with torch.no_grad(), self._pass("ascent", rng):
-                    perturbed = self.loss_fn(self.model(x), y)
-            index = opt.sds_select(per_sample.detach(), perturbed)
+
+            def perturbed_losses() -> Tensor:  # ESAM calls it (no grad) only when it ranks by them
+                with self._pass("ascent", rng):
+                    return self.loss_fn(self.model(x), y)
+
+            index = opt.select_samples(per_sample.detach(), perturbed_losses)
         self._put_grads(accumulated)
         if index is not None:
             x, y = x[index], y[index]
@@ -280,29 +279,31 @@ class SharpnessAwareStep:
         if scaler is not None:
             scaler.unscale_(opt)
         params = [p for p in self._params if p.grad is not None]
-        grads = [_sharding.local(p.grad) for p in params]
+        grads = [numerics.local(p.grad) for p in params]
         key_of, devices = self._norm_keys
-        grad_norm = _sharding.global_norm(grads, [key_of[p] for p in params], devices, foreach=True)
-        finite = bool(torch.isfinite(grad_norm).item())
-        if self._distributed():
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            finite = flag.item() == 0.0
-        if finite:
-            if self.max_grad_norm is not None and grad_norm.item() > self.max_grad_norm:
-                F.scale_(grads, self.max_grad_norm / (grad_norm.item() + 1e-6), foreach=True)
-            opt.step()
-        else:
+        grad_norm = numerics.global_norm(grads, [key_of[p] for p in params], devices, foreach=True)
+        took = numerics.guarded_step(
+            opt.step,
+            grads,
+            grad_norm,
+            max_grad_norm=self.max_grad_norm,
+            agree=self._agree_finite if self._distributed() else None,
+            owner=type(opt).__name__,
+            skipped_before=self.skipped_plain_steps,
+            stacklevel=3,
+        )
+        if not took:
             self.skipped_plain_steps += 1
-            warnings.warn(
-                f"non-finite gradient; step skipped ({self.skipped_plain_steps} so far)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
         if scaler is not None:
             scaler.update()
         opt.zero_grad(set_to_none=True)
-        return finite, grad_norm
+        return took, grad_norm
+
+    def _agree_finite(self, finite: bool) -> bool:
+        """Under DDP: True only if the gradient is finite on every replica."""
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
 
     def _agree_on_skip(self) -> None:
         """Under DDP a first pass that failed on any replica fails on all (weights stay equal)."""
@@ -346,8 +347,8 @@ class SharpnessAwareStep:
     def _unscale_first_pass(self) -> None:
         if self.grad_scaler is None:
             return
-        grads = [_sharding.local(p.grad) for p in self._params if p.grad is not None]
-        F.scale_(grads, 1.0 / self.grad_scaler.get_scale(), foreach=True)
+        grads = [numerics.local(p.grad) for p in self._params if p.grad is not None]
+        numerics.scale_(grads, 1.0 / self.grad_scaler.get_scale(), foreach=True)
 
     def _rng_state(self) -> list[Tensor]:
         if not self.replay_rng:
@@ -379,7 +380,7 @@ def _fsdp_group(model: nn.Module, optimizer: Optimizer) -> Any:
     """None without FSDP; else the group plain-tensor shards sum their norms over (``()`` when the
     parameters are DTensors, which know their own mesh)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(_sharding.is_dtensor(p) for p in params):
+    if any(numerics.is_dtensor(p) for p in params):
         return ()
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel

@@ -1,0 +1,305 @@
+"""The optimizer registry: which training methods exist, their options, and how to build them.
+
+Each method (``"sgd"``, ``"sam"``, ``"esam"``) is described by an :class:`OptimInfo` (in the spirit
+of timm's ``OptimInfo``): the optimizer class, one-line description and citation, and its options
+(:class:`OptimOption`: constructor keyword, the ``samkit train`` setting that sets it, default,
+help line, and the domain or choices of valid values). The command line, the training
+configuration and the run labels are derived from these entries.
+
+:func:`create_optimizer` builds a method around a base optimizer::
+
+    opt = create_optimizer("esam", model.parameters(), torch.optim.SGD, beta=0.6, lr=0.1)
+
+keywords naming one of the method's options are validated and go to the method; every other
+keyword goes to the base optimizer (``lr``, ``momentum``, ...).
+
+Adding an optimizer: write its module in ``samkit/optim/`` (a ``SharpnessAwareOptimizer``
+subclass, usually of ``SAM``), then add ONE entry to ``BUILTIN_OPTIMIZERS`` below (or call
+:func:`register_optimizer` from your own code). The optimizer modules must not import this one.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from samkit.domains import NON_NEGATIVE, UNIT_OPEN_CLOSED, Interval
+from samkit.optim.esam import ESAM, SDS_CRITERIA
+from samkit.optim.sam import SAM
+
+__all__ = [
+    "BUILTIN_OPTIMIZERS",
+    "OptimInfo",
+    "OptimOption",
+    "create_optimizer",
+    "get_optimizer_info",
+    "list_optimizers",
+    "register_optimizer",
+]
+
+_KINDS = (float, int, bool, str)
+
+
+@dataclass(frozen=True)
+class OptimOption:
+    """One hyper-parameter of a training method.
+
+    ``name`` is the optimizer's constructor keyword; ``flag`` the ``samkit train`` setting (a
+    ``TrainConfig`` field, snake_case) that sets it; ``help`` its one-line command-line help.
+    Numbers have a ``domain``, strings may have ``choices``; ``kind`` is the Python type of a value
+    (float, int, bool or str).
+    """
+
+    name: str
+    flag: str
+    default: Any
+    help: str
+    domain: Interval | None = None
+    choices: tuple[str, ...] | None = None
+    kind: type = float
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"option {self.name!r}: kind must be one of {_KINDS}, got {self.kind}")
+        if self.domain is not None and self.kind not in (float, int):
+            raise ValueError(f"option {self.name!r}: a domain is for numbers, not {self.kind}")
+        if self.choices is not None and self.kind is not str:
+            raise ValueError(f"option {self.name!r}: choices are for strings, not {self.kind}")
+        reason = self.check(self.default)
+        if reason is not None:
+            raise ValueError(f"option {self.name!r}: default {self.default!r} is not {reason}")
+
+    def describe_values(self) -> str:
+        """What a valid value is, e.g. ``"a number in (0, 1]"`` or ``"one of 'a', 'b'"``."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.domain is not None:
+            return self.domain.describe(integer=self.kind is int)
+        return {float: "a number", int: "an integer", bool: "True or False", str: "a string"}[
+            self.kind
+        ]
+
+    def check(self, value: Any) -> str | None:
+        """None when ``value`` is valid; otherwise what it should be (``describe_values()``)."""
+        if self.kind is bool:
+            valid = isinstance(value, bool)
+        elif self.kind is str:
+            valid = isinstance(value, str) and (self.choices is None or value in self.choices)
+        else:
+            number = numbers.Integral if self.kind is int else numbers.Real
+            valid = isinstance(value, number) and not isinstance(value, bool)
+            valid = valid and (self.domain is None or self.domain.contains(value))
+        return None if valid else self.describe_values()
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """A training method: its optimizer class and options.
+
+    ``cls`` is None for ``"sgd"``, the base optimizer alone. ``sharpness_aware`` says whether a
+    step takes SAM's two passes; ``supports_sync_perturbations`` whether the step helper may
+    all-reduce the first-pass gradients (ESAM may not: its weight masks leave parameters without
+    first-pass gradients). ``label(values)`` formats the run label from the option values (all
+    options present); use :meth:`describe`.
+    """
+
+    name: str
+    cls: type[Optimizer] | None
+    description: str
+    paper: str = ""
+    options: tuple[OptimOption, ...] = ()
+    sharpness_aware: bool = True
+    supports_sync_perturbations: bool = True
+    label: Callable[[Mapping[str, Any]], str] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"optimizer {self.name!r}: duplicate option names in {names}")
+
+    def option(self, name: str) -> OptimOption:
+        """The option called ``name``; ValueError naming the known options otherwise."""
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        known = ", ".join(o.name for o in self.options) or "none"
+        raise ValueError(f"optimizer {self.name!r} has no option {name!r} (options: {known})")
+
+    def defaults(self) -> dict[str, Any]:
+        """Every option's default, by constructor keyword."""
+        return {o.name: o.default for o in self.options}
+
+    def validate(self, values: Mapping[str, Any]) -> None:
+        """ValueError, naming this optimizer, the option and its domain, for an invalid value.
+
+        Keys that are not options of this method are ignored (they are base-optimizer keywords).
+        """
+        for opt in self.options:
+            if opt.name in values:
+                reason = opt.check(values[opt.name])
+                if reason is not None:
+                    raise ValueError(
+                        f"optimizer {self.name!r}: option {opt.name!r} must be {reason}, "
+                        f"got {values[opt.name]!r}"
+                    )
+
+    def describe(self, kwargs: Mapping[str, Any] | None = None) -> str:
+        """The run label for these option values (defaults for those missing; other keys are
+        ignored), e.g. ``"SAM rho=0.05"``, ``"ASAM rho=0.1"``, ``"ESAM rho=0.05 beta=0.6
+        gamma=0.5 adaptive"``."""
+        values = {**self.defaults(), **(kwargs or {})}
+        return self.label(values) if self.label is not None else self.name.upper()
+
+
+# -- the built-in methods ------------------------------------------------------------------------
+
+
+def _sam_label(v: Mapping[str, Any]) -> str:
+    return f"{'ASAM' if v['adaptive'] else 'SAM'} rho={v['rho']:g}"
+
+
+def _esam_label(v: Mapping[str, Any]) -> str:
+    text = f"ESAM rho={v['rho']:g} beta={v['beta']:g} gamma={v['gamma']:g}"
+    return text + (" adaptive" if v["adaptive"] else "")
+
+
+_RHO = OptimOption(
+    name="rho",
+    flag="sam_rho",
+    default=0.05,
+    help="SAM neighbourhood size rho; 0 trains with plain SGD",
+    domain=NON_NEGATIVE,
+)
+_ADAPTIVE = OptimOption(
+    name="adaptive",
+    flag="sam_adaptive",
+    default=False,
+    help="adaptive SAM (ASAM, Kwon et al. 2021)",
+    kind=bool,
+)
+
+#: The built-in methods, in the order ``list_optimizers()`` gives them. One entry per method.
+BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
+    OptimInfo(
+        name="sgd",
+        cls=None,
+        description="the base optimizer alone (SGD with momentum): one forward/backward per step",
+        sharpness_aware=False,
+        label=lambda _: "SGD",
+    ),
+    OptimInfo(
+        name="sam",
+        cls=SAM,
+        description="SAM: step with the gradient at the worst point of a rho-ball (two passes)",
+        paper="Foret et al., Sharpness-Aware Minimization for Efficiently Improving "
+        "Generalization, ICLR 2021",
+        options=(_RHO, _ADAPTIVE),
+        label=_sam_label,
+    ),
+    OptimInfo(
+        name="esam",
+        cls=ESAM,
+        description="ESAM: SAM perturbing random parameter tensors (SWP) and re-running only the "
+        "sharpest samples (SDS)",
+        paper="Du et al., Efficient Sharpness-aware Minimization for Improved Training of Neural "
+        "Networks, ICLR 2022",
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(
+                name="beta",
+                flag="esam_beta",
+                default=0.5,
+                help="ESAM: probability that a parameter tensor joins the perturbation (SWP)",
+                domain=UNIT_OPEN_CLOSED,
+            ),
+            OptimOption(
+                name="gamma",
+                flag="esam_gamma",
+                default=0.5,
+                help="ESAM: fraction of the batch kept for the second pass (SDS)",
+                domain=UNIT_OPEN_CLOSED,
+            ),
+            OptimOption(
+                name="sds_criterion",
+                flag="esam_criterion",
+                default="sharpness",
+                help="ESAM: rank samples by loss increase at w+e (sharpness) or by loss",
+                choices=SDS_CRITERIA,
+                kind=str,
+            ),
+            OptimOption(  # the trainer passes its run seed
+                name="seed",
+                flag="run_seed",
+                default=0,
+                help="seed of ESAM's weight-mask generator",
+                domain=NON_NEGATIVE,
+                kind=int,
+            ),
+        ),
+        supports_sync_perturbations=False,
+        label=_esam_label,
+    ),
+)
+
+_REGISTRY: dict[str, OptimInfo] = {}
+
+
+def register_optimizer(info: OptimInfo) -> OptimInfo:
+    """Add a method to the registry (ValueError if its name is taken); returns ``info``."""
+    if info.name in _REGISTRY:
+        raise ValueError(f"an optimizer named {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def get_optimizer_info(name: str) -> OptimInfo:
+    """The registered method ``name``; ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(_REGISTRY)
+        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {known}") from None
+
+
+def list_optimizers() -> list[str]:
+    """The registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def create_optimizer(
+    name: str,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    base_optimizer: type[Optimizer] | Optimizer,
+    **kwargs: Any,
+) -> Optimizer:
+    """Build method ``name`` over ``params`` around ``base_optimizer``.
+
+    Keywords that are options of the method (``get_optimizer_info(name).options``) are validated
+    (ValueError naming the optimizer, the option and its domain) and passed to the method;
+    all others go to the base optimizer. ``"sgd"`` returns ``base_optimizer(params, **kwargs)``
+    (or the ``base_optimizer`` instance itself, which then takes no keywords); the others
+    ``info.cls(params, base_optimizer, **kwargs)``.
+    """
+    info = get_optimizer_info(name)
+    info.validate(kwargs)
+    if info.cls is not None:
+        return info.cls(params, base_optimizer, **kwargs)
+    if isinstance(base_optimizer, Optimizer):
+        if kwargs:
+            raise TypeError(
+                f"keyword arguments {sorted(kwargs)} are for building the base optimizer; pass an "
+                "optimizer class, or drop them when passing an optimizer instance"
+            )
+        return base_optimizer
+    return base_optimizer(params, **kwargs)
+
+
+for _info in BUILTIN_OPTIMIZERS:
+    register_optimizer(_info)
+del _info
