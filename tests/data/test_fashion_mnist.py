@@ -10,17 +10,15 @@ import pytest
 import torch
 
 from samkit.data import (
-    MEAN,
-    STD,
     DataFormatError,
     DataNotFoundError,
     IDXFormatError,
     build_datasets,
-    find_data_dir,
     load_fashion_mnist,
     make_loader,
     read_idx,
 )
+from samkit.data.fashion_mnist import MEAN, STD, find_data_dir
 
 # ---------------------------------------------------------------------------------------------
 # read_idx

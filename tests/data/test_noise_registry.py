@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import samkit.data
+from samkit.data import fashion_mnist
 from samkit.data.common import DataNotFoundError, split_holdout
+from samkit.data.datasets import DATASET_SPECS
 from samkit.data.loader import BatchedLoader, InMemoryDataset, SampleLoader, make_loader
 from samkit.data.noise import (
     LABEL_NOISE_FILE,
@@ -19,6 +22,7 @@ from samkit.data.noise import (
     save_label_noise,
 )
 from samkit.data.registry import DATASETS, build_datasets
+from samkit.data.transforms import NORMALIZATION
 
 # ---------------------------------------------------------------------------------------------
 # Label noise
@@ -152,6 +156,27 @@ def test_info_table():
     assert DATASETS["fashion_mnist"].in_channels == 1 and DATASETS["fashion_mnist"].image_size == 28
     assert DATASETS["imagenet"].image_size == 224 and not DATASETS["imagenet"].in_memory
     assert DATASETS["svhn"].mean != DATASETS["svhn_core"].mean  # train+extra vs train stats
+
+
+def test_per_dataset_facts_come_from_one_table():
+    assert list(DATASETS) == list(DATASET_SPECS) == list(NORMALIZATION)
+    for name, spec in DATASET_SPECS.items():
+        info = DATASETS[name]
+        assert spec.name == info.name == name
+        facts = ("num_classes", "in_channels", "image_size", "mean", "std", "in_memory")
+        assert all(getattr(info, f) == getattr(spec, f) for f in facts), name
+        assert info.description == spec.description
+        assert NORMALIZATION[name] == (spec.mean, spec.std)
+        assert len(spec.mean) == len(spec.std) == spec.in_channels
+    fm = DATASET_SPECS["fashion_mnist"]
+    assert (fashion_mnist.MEAN, fashion_mnist.STD) == (fm.mean[0], fm.std[0]) == (0.2860, 0.3530)
+    assert not DATASET_SPECS["svhn"].flip and DATASET_SPECS["svhn"].autoaugment == "svhn"
+
+
+def test_fashion_mnist_constants_are_not_package_level():
+    for name in ("CLASSES", "MEAN", "STD", "find_data_dir"):
+        assert not hasattr(samkit.data, name), name
+        assert hasattr(fashion_mnist, name)
 
 
 def test_build_cifar10(tmp_path, writers):

@@ -1,8 +1,10 @@
 """Data sets (Fashion-MNIST, CIFAR, SVHN, ImageNet, image folders), augmentations, loaders.
 
-The entry points are :func:`build_datasets` and :func:`make_loader`. Errors: every loader raises
-:class:`DataNotFoundError` (naming the paths searched) or a :class:`DataFormatError` (naming the
-file; ``IDXFormatError`` is the Fashion-MNIST one).
+The entry points are :func:`build_datasets` and :func:`make_loader`; the facts about each data
+set are in :mod:`samkit.data.datasets`, its loader's own constants (e.g. Fashion-MNIST's
+``CLASSES``) in its module. Errors: every loader raises :class:`DataNotFoundError` (naming the
+paths searched) or a :class:`DataFormatError` (naming the file; ``IDXFormatError`` is the
+Fashion-MNIST one).
 """
 
 from samkit.data.cifar import download_cifar, load_cifar
@@ -12,15 +14,7 @@ from samkit.data.common import (
     UnsafePickleError,
     split_holdout,
 )
-from samkit.data.fashion_mnist import (
-    CLASSES,
-    MEAN,
-    STD,
-    IDXFormatError,
-    find_data_dir,
-    load_fashion_mnist,
-    read_idx,
-)
+from samkit.data.fashion_mnist import IDXFormatError, load_fashion_mnist, read_idx
 from samkit.data.image_folder import ImageFolderDataset, load_folders
 from samkit.data.loader import BatchedLoader, InMemoryDataset, SampleLoader, make_loader
 from samkit.data.noise import (
@@ -39,7 +33,9 @@ __all__ = [
     "NORMALIZATION",
     "BatchedLoader",
     "DataFormatError",
+    "DataNotFoundError",
     "DatasetInfo",
+    "IDXFormatError",
     "ImageFolderDataset",
     "InMemoryDataset",
     "LabelNoiseRecord",
@@ -52,19 +48,13 @@ __all__ = [
     "download_svhn",
     "eval_transform",
     "load_cifar",
+    "load_fashion_mnist",
     "load_folders",
     "load_label_noise",
     "load_svhn",
     "make_loader",
+    "read_idx",
     "save_label_noise",
     "split_holdout",
     "train_transform",
-    "CLASSES",
-    "MEAN",
-    "STD",
-    "DataNotFoundError",
-    "IDXFormatError",
-    "find_data_dir",
-    "load_fashion_mnist",
-    "read_idx",
 ]

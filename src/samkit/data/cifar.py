@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.datasets
+import torchvision.datasets.utils
 
 from samkit.data.common import (
     DataFormatError,
@@ -233,9 +235,6 @@ def download_cifar(name: str, root: str | os.PathLike[str] | None = None) -> Pat
     """Download ``name`` with torchvision (needs network access) into ``root`` (default
     ``~/.cache/samkit/<name>``) and return the folder; the files are then read by
     :func:`load_cifar` with the restricted unpickler, never by torchvision's reader."""
-    import torchvision
-    from torchvision.datasets.utils import download_and_extract_archive
-
     if name not in CIFAR_LAYOUT:
         raise ValueError(f"unknown CIFAR variant {name!r}; expected one of {sorted(CIFAR_LAYOUT)}")
     root = Path(root if root is not None else Path("~/.cache/samkit").expanduser() / name)
@@ -245,5 +244,7 @@ def download_cifar(name: str, root: str | os.PathLike[str] | None = None) -> Pat
     folder = root / CIFAR_LAYOUT[name]["folder"]
     if not _accept(name)(folder):
         # Fetch, check the MD5 and extract only; the files are never read by torchvision.
-        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        torchvision.datasets.utils.download_and_extract_archive(
+            cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5
+        )
     return folder

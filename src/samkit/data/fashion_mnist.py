@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from samkit.data.common import DataFormatError, DataNotFoundError
+from samkit.data.datasets import DATASET_SPECS
 
 __all__ = [
     "CLASSES",
@@ -61,9 +62,10 @@ CLASSES = (
     "Ankle boot",
 )
 
-#: Per-pixel mean and standard deviation of the 60,000 training images, scaled to [0, 1].
-MEAN = 0.2860
-STD = 0.3530
+#: Per-pixel mean and standard deviation of the 60,000 training images, scaled to [0, 1] (from
+#: :data:`samkit.data.datasets.DATASET_SPECS`).
+MEAN = DATASET_SPECS["fashion_mnist"].mean[0]
+STD = DATASET_SPECS["fashion_mnist"].std[0]
 
 #: Search order after ``--data-dir``, ``$SAMKIT_DATA`` and ``$SAMKIT_DATA/fashion_mnist``.
 DEFAULT_SEARCH_DIRS = (

@@ -20,10 +20,15 @@ from typing import Any, NamedTuple
 
 import torch
 
+from samkit.data.cifar import cifar_class_names, load_cifar
 from samkit.data.common import split_holdout
+from samkit.data.datasets import DATASET_SPECS
+from samkit.data.fashion_mnist import CLASSES, load_fashion_mnist
+from samkit.data.image_folder import load_folders
 from samkit.data.loader import InMemoryDataset
 from samkit.data.noise import LabelNoiseRecord, apply_label_noise
-from samkit.data.transforms import NORMALIZATION
+from samkit.data.svhn import SVHN_FILES, find_svhn_dir, load_svhn, num_images
+from samkit.data.transforms import train_transform
 
 __all__ = ["DATASETS", "DatasetInfo", "build_datasets"]
 
@@ -39,8 +44,9 @@ class Splits(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a data set; :func:`build_datasets` returns a copy with ``num_classes``
-    and ``classes`` filled in from the data (image folders) and the split sizes."""
+    """A data set's facts (from :data:`samkit.data.datasets.DATASET_SPECS`) and its loader;
+    :func:`build_datasets` returns a copy with ``num_classes`` and ``classes`` filled in from the
+    data (image folders) and the split sizes."""
 
     name: str
     num_classes: int | None  # None: from the folder
@@ -79,8 +85,6 @@ def _in_memory(
 
 def _cifar(name: str) -> Callable[..., Splits]:
     def load(data_dir: PathLike | None, **aug: Any) -> Splits:
-        from samkit.data.cifar import cifar_class_names, load_cifar
-
         train = load_cifar(name, "train", data_dir)
         test = load_cifar(name, "test", data_dir)
         return _in_memory(name, train, test, cifar_class_names(name, data_dir), aug)
@@ -90,8 +94,6 @@ def _cifar(name: str) -> Callable[..., Splits]:
 
 def _svhn(name: str) -> Callable[..., Splits]:
     def load(data_dir: PathLike | None, **aug: Any) -> Splits:
-        from samkit.data.svhn import SVHN_FILES, find_svhn_dir, load_svhn, num_images
-
         train = load_svhn(name, "train", data_dir)
         test = load_svhn(name, "test", data_dir)
         pool = None
@@ -103,8 +105,6 @@ def _svhn(name: str) -> Callable[..., Splits]:
 
 
 def _fashion_mnist(data_dir: PathLike | None, **aug: Any) -> Splits:
-    from samkit.data.fashion_mnist import CLASSES, load_fashion_mnist
-
     def split(s: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = load_fashion_mnist(s, data_dir)
         return images.unsqueeze(1).contiguous(), labels.to(torch.int64)
@@ -114,56 +114,37 @@ def _fashion_mnist(data_dir: PathLike | None, **aug: Any) -> Splits:
 
 def _folders(name: str) -> Callable[..., Splits]:
     def load(data_dir: PathLike | None, **aug: Any) -> Splits:
-        from samkit.data.image_folder import load_folders
-
         train, test = load_folders(name, data_dir, **aug)
         return Splits(train, test)
 
     return load
 
 
-def _info(
-    name: str, num_classes: int | None, channels: int, size: int, loader, **kw
-) -> DatasetInfo:
-    mean, std = NORMALIZATION[name]
-    return DatasetInfo(name, num_classes, channels, size, mean, std, loader, **kw)
+#: The loader of each data set: ``(data_dir, **augmentation keywords) -> Splits``.
+_LOADERS: dict[str, Callable[..., Splits]] = {
+    "cifar10": _cifar("cifar10"),
+    "cifar100": _cifar("cifar100"),
+    "svhn": _svhn("svhn"),
+    "svhn_core": _svhn("svhn_core"),
+    "fashion_mnist": _fashion_mnist,
+    "imagenet": _folders("imagenet"),
+    "image_folder": _folders("image_folder"),
+}
 
-
-#: name -> :class:`DatasetInfo`.
+#: name -> :class:`DatasetInfo`, in the order of :data:`~samkit.data.datasets.DATASET_SPECS`.
 DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": _info(
-        "cifar10", 10, 3, 32, _cifar("cifar10"), description="CIFAR-10, python pickle batches"
-    ),
-    "cifar100": _info(
-        "cifar100", 100, 3, 32, _cifar("cifar100"), description="CIFAR-100 (fine labels)"
-    ),
-    "svhn": _info(
-        "svhn", 10, 3, 32, _svhn("svhn"), description="SVHN train + extra (604,388 images)"
-    ),
-    "svhn_core": _info(
-        "svhn_core", 10, 3, 32, _svhn("svhn_core"), description="SVHN train only (73,257)"
-    ),
-    "fashion_mnist": _info(
-        "fashion_mnist", 10, 1, 28, _fashion_mnist, description="Fashion-MNIST, IDX files"
-    ),
-    "imagenet": _info(
-        "imagenet",
-        1000,
-        3,
-        224,
-        _folders("imagenet"),
-        in_memory=False,
-        description="ImageNet as train/ and val/ class folders",
-    ),
-    "image_folder": _info(
-        "image_folder",
-        None,
-        3,
-        224,
-        _folders("image_folder"),
-        in_memory=False,
-        description="any train/ + val/ (or test/) class folders",
-    ),
+    name: DatasetInfo(
+        name,
+        spec.num_classes,
+        spec.in_channels,
+        spec.image_size,
+        spec.mean,
+        spec.std,
+        _LOADERS[name],
+        in_memory=spec.in_memory,
+        description=spec.description,
+    )
+    for name, spec in DATASET_SPECS.items()
 }
 
 
@@ -213,8 +194,6 @@ def build_datasets(
     if info.in_memory and image_size is not None and image_size != info.image_size:
         raise ValueError(f"{name} images are {info.image_size} px; image_size cannot change it")
     # Validate the augmentation names before reading any data.
-    from samkit.data.transforms import train_transform
-
     train_transform(name, image_level, batch_level, cutout_length, image_size=image_size)
 
     splits = info.loader(data_dir, **aug)

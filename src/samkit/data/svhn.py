@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.datasets
+import torchvision.datasets.utils
 
 from samkit.data.common import DataFormatError, all_files, locate
 
@@ -47,7 +49,7 @@ SVHN_SPLITS = {
 
 def _loadmat(path: Path) -> dict:
     try:
-        import scipy.io
+        import scipy.io  # lazy: only the .mat files need scipy (~0.15 s to import)
     except ImportError as e:  # pragma: no cover - scipy is a dependency
         raise ImportError("reading SVHN's .mat files needs scipy: pip install scipy") from e
     try:
@@ -89,7 +91,7 @@ def read_svhn_mat(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]
 
 def num_images(path: str | os.PathLike[str]) -> int:
     """The number of images in an SVHN .mat file, read from its header (no data loaded)."""
-    import scipy.io
+    import scipy.io  # lazy, as in _loadmat
 
     try:
         shapes = {name: shape for name, shape, _ in scipy.io.whosmat(str(path))}
@@ -154,15 +156,12 @@ def load_svhn(
 def download_svhn(name: str = "svhn", root: str | os.PathLike[str] | None = None) -> Path:
     """Download the files ``name`` needs with torchvision (needs network access) into ``root``
     (default ``~/.cache/samkit/svhn``); MD5-checked; they are read by :func:`load_svhn`."""
-    import torchvision
-    from torchvision.datasets.utils import check_integrity, download_url
-
     if name not in SVHN_SPLITS:
         raise ValueError(f"unknown SVHN variant {name!r}; expected one of {sorted(SVHN_SPLITS)}")
     root = Path(root if root is not None else Path("~/.cache/samkit/svhn").expanduser())
     root.mkdir(parents=True, exist_ok=True)
     for part in sorted({k for p in SVHN_SPLITS[name].values() for k in p}):
         url, filename, md5 = torchvision.datasets.SVHN.split_list[part]
-        if not check_integrity(str(root / filename), md5):
-            download_url(url, str(root), filename=filename, md5=md5)
+        if not torchvision.datasets.utils.check_integrity(str(root / filename), md5):
+            torchvision.datasets.utils.download_url(url, str(root), filename=filename, md5=md5)
     return root

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from samkit.data import fashion_mnist
+from samkit.data.datasets import DATASET_SPECS, DatasetSpec
 
 __all__ = [
     "BATCH_LEVEL",
@@ -61,56 +61,22 @@ __all__ = [
 IMAGE_LEVEL = ("none", "basic", "autoaugment", "aa-only", "randaugment")
 BATCH_LEVEL = ("none", "cutout")
 
-#: Per-channel mean and standard deviation of the training images scaled to [0, 1] (population
-#: statistics over all pixels of the training split, as published and as the seed system uses):
-#:
-#: * CIFAR-10 / CIFAR-100: the 50,000 training images. (The often copied CIFAR-10 std
-#:   (0.2023, 0.1994, 0.2010) is the mean of per-image stds, not the data set's std.)
-#: * SVHN: train + extra (604,388 images; the seed's values); ``svhn_core``: train only.
-#: * Fashion-MNIST: the 60,000 training images (samkit.data.fashion_mnist.MEAN/STD; the seed
-#:   used MNIST's 0.1307 / 0.3081 by mistake).
-#: * ImageNet: the usual ILSVRC-2012 values (also used for generic image folders).
-#:
-#: :func:`channel_stats` recomputes such values from a ``uint8`` tensor.
+#: name -> per-channel ``(mean, std)`` of the training images scaled to [0, 1]: a view of
+#: :data:`samkit.data.datasets.DATASET_SPECS`, where the values and their sources are.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "svhn": ((0.4309, 0.4302, 0.4463), (0.1976, 0.2003, 0.1981)),
-    "svhn_core": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "fashion_mnist": ((fashion_mnist.MEAN,), (fashion_mnist.STD,)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "image_folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Aug:
-    size: int  # training / eval crop size
-    flip: bool
-    policy: v2.AutoAugmentPolicy | None
-    folder: bool = False  # ImageNet-style pipeline
-
-
-_SMALL = {
-    "cifar10": _Aug(32, True, v2.AutoAugmentPolicy.CIFAR10),
-    "cifar100": _Aug(32, True, v2.AutoAugmentPolicy.CIFAR10),
-    "svhn": _Aug(32, False, v2.AutoAugmentPolicy.SVHN),
-    "svhn_core": _Aug(32, False, v2.AutoAugmentPolicy.SVHN),
-    "fashion_mnist": _Aug(28, True, v2.AutoAugmentPolicy.CIFAR10),
-    "imagenet": _Aug(224, True, None, folder=True),
-    "image_folder": _Aug(224, True, None, folder=True),
+    name: (spec.mean, spec.std) for name, spec in DATASET_SPECS.items()
 }
 
 #: Reflect padding of ``basic``, as in the seed.
 CROP_PADDING = 4
 
 
-def _spec(dataset: str) -> _Aug:
+def _spec(dataset: str) -> DatasetSpec:
     try:
-        return _SMALL[dataset]
+        return DATASET_SPECS[dataset]
     except KeyError:
         raise ValueError(
-            f"no transforms for data set {dataset!r}; known: {', '.join(sorted(_SMALL))}"
+            f"no transforms for data set {dataset!r}; known: {', '.join(sorted(DATASET_SPECS))}"
         ) from None
 
 
@@ -128,9 +94,8 @@ def _check_levels(dataset: str, image_level: str, batch_level: str, folder: bool
         )
 
 
-def _normalize(dataset: str) -> list[nn.Module]:
-    mean, std = NORMALIZATION[dataset]
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+def _normalize(spec: DatasetSpec) -> list[nn.Module]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
 
 
 def _folder_eval(size: int) -> list[nn.Module]:
@@ -150,10 +115,10 @@ def train_transform(
     ``image_size`` changes the crop size of ImageNet-like folders (default 224).
     """
     spec = _spec(dataset)
-    _check_levels(dataset, image_level, batch_level, spec.folder)
+    _check_levels(dataset, image_level, batch_level, folder=not spec.in_memory)
     ops: list[nn.Module] = []
-    if spec.folder:
-        size = image_size or spec.size
+    if not spec.in_memory:
+        size = image_size or spec.image_size
         if image_level == "none":
             ops += _folder_eval(size)
         else:
@@ -163,12 +128,12 @@ def train_transform(
             ops.append(v2.RandomHorizontalFlip())
     else:
         if image_level in ("autoaugment", "aa-only"):
-            ops.append(v2.AutoAugment(spec.policy))
+            ops.append(v2.AutoAugment(v2.AutoAugmentPolicy(spec.autoaugment)))
         if image_level in ("basic", "autoaugment"):
             if spec.flip:
                 ops.append(v2.RandomHorizontalFlip())
-            ops.append(v2.RandomCrop(spec.size, padding=CROP_PADDING, padding_mode="reflect"))
-    ops += _normalize(dataset)
+            ops.append(v2.RandomCrop(spec.image_size, padding=CROP_PADDING, padding_mode="reflect"))
+    ops += _normalize(spec)
     if batch_level == "cutout":
         ops.append(Cutout(cutout_length))
     return v2.Compose(ops)
@@ -177,8 +142,8 @@ def train_transform(
 def eval_transform(dataset: str, *, image_size: int | None = None) -> v2.Compose:
     """The per-sample evaluation transform (normalisation; resize + centre crop for folders)."""
     spec = _spec(dataset)
-    ops: list[nn.Module] = _folder_eval(image_size or spec.size) if spec.folder else []
-    return v2.Compose(ops + _normalize(dataset))
+    ops: list[nn.Module] = [] if spec.in_memory else _folder_eval(image_size or spec.image_size)
+    return v2.Compose(ops + _normalize(spec))
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,14 +343,13 @@ def batch_augment(
     (AutoAugment, ImageNet-like folders). ``image_level="none"`` without cutout is the eval
     pipeline of the in-memory data sets."""
     spec = _spec(dataset)
-    _check_levels(dataset, image_level, batch_level, spec.folder)
-    if spec.folder or image_level not in ("none", "basic"):
+    _check_levels(dataset, image_level, batch_level, folder=not spec.in_memory)
+    if not spec.in_memory or image_level not in ("none", "basic"):
         return None
-    mean, std = NORMALIZATION[dataset]
     basic = image_level == "basic"
     return BatchAugment(
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=tuple(spec.mean),
+        std=tuple(spec.std),
         crop=basic,
         flip=basic and spec.flip,
         cutout_length=cutout_length if batch_level == "cutout" else None,

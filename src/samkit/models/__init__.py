@@ -9,7 +9,14 @@ from samkit.models import (  # noqa: F401  (importing registers the built-in mod
     wide_resnet,
 )
 from samkit.models.finetune import freeze_batchnorm_statistics, load_pretrained
-from samkit.models.registry import create_model, is_model, list_models, register_model
+from samkit.models.registry import (
+    create_model,
+    is_model,
+    list_model_families,
+    list_models,
+    register_model,
+    register_model_family,
+)
 from samkit.models.small import SmallResNet
 
 __all__ = [
@@ -17,7 +24,9 @@ __all__ = [
     "create_model",
     "freeze_batchnorm_statistics",
     "is_model",
+    "list_model_families",
     "list_models",
     "load_pretrained",
     "register_model",
+    "register_model_family",
 ]

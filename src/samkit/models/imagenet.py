@@ -43,7 +43,7 @@ def _new_conv_like(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 def replace_stem(model: nn.Module, in_channels: int) -> nn.Module:
     """Give a torchvision ResNet or EfficientNet a new stem convolution for ``in_channels``."""
-    from torchvision import models as tvm
+    from torchvision import models as tvm  # lazy: ~1.5 s to import, only these models need it
 
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -60,7 +60,7 @@ def replace_stem(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def _build(builder_name: str, num_classes: int, in_channels: int, kw: dict) -> nn.Module:
-    from torchvision import models as tvm
+    from torchvision import models as tvm  # lazy: ~1.5 s to import, only these models need it
 
     if "weights" in kw and kw["weights"] is not None:
         raise ValueError(

@@ -1,18 +1,45 @@
-"""A small model registry: ``@register_model``, ``create_model(name)``, ``list_models()``."""
+"""A small model registry: ``@register_model``, ``create_model(name)``, ``list_models()``.
+
+Besides single names, a *model family* maps every name matching a pattern to a model (e.g.
+``wrn_{depth}_{k}``), see :func:`register_model_family`. The registry knows no architecture
+itself: the architecture modules register their models and families when imported (importing
+:mod:`samkit.models` imports the built-in ones).
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 import torch.nn as nn
 
-__all__ = ["create_model", "is_model", "list_models", "register_model"]
+__all__ = [
+    "create_model",
+    "is_model",
+    "list_model_families",
+    "list_models",
+    "register_model",
+    "register_model_family",
+]
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+@dataclass(frozen=True)
+class _Family:
+    pattern: re.Pattern[str]
+    builder: Callable[..., nn.Module]
+    display: str
+    check: Callable[[str], object] | None
+
+
+#: pattern text -> family, in registration order (the first match builds).
+_FAMILIES: dict[str, _Family] = {}
 
 
 @overload
@@ -40,26 +67,67 @@ def register_model(fn=None):
     return lambda f: add(f, fn)
 
 
+def register_model_family(
+    pattern: str | re.Pattern[str],
+    builder: Callable[..., nn.Module],
+    *,
+    display: str | None = None,
+    check: Callable[[str], object] | None = None,
+) -> None:
+    """Register a family of models: every name that ``pattern`` (a regular expression) matches
+    in full and that is not a registered model name.
+
+    ``create_model(name, num_classes=..., in_channels=..., **kwargs)`` calls
+    ``builder(name, num_classes=..., in_channels=..., **kwargs)``; the builder raises
+    ``ValueError`` for a name that matches but names no possible model (e.g. ``wrn_27_10``).
+    :func:`is_model` does not build anything: it calls ``check(name)`` (when given), for which
+    ``ValueError`` likewise means "not a model". ``display`` is how the family is named to
+    users (default: the pattern), e.g. ``"wrn_{depth}_{k}"``. Registering a pattern again is
+    harmless with the same arguments and an error with others.
+    """
+    compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
+    family = _Family(compiled, builder, display or compiled.pattern, check)
+    old = _FAMILIES.get(compiled.pattern)
+    if old is not None and old != family:
+        raise ValueError(f"a model family {old.display!r} is already registered")
+    _FAMILIES[compiled.pattern] = family
+
+
 def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted names of the registered models, optionally filtered by a shell-style pattern."""
+    """Sorted names of the registered models, optionally filtered by a shell-style pattern.
+
+    Members of model families are not listed (see :func:`list_model_families`).
+    """
     names = sorted(_REGISTRY)
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+def list_model_families() -> list[str]:
+    """Sorted display names of the registered model families, e.g. ``["wrn_{depth}_{k}"]``."""
+    return sorted(f.display for f in _FAMILIES.values())
+
+
+def _family(name: str) -> _Family | None:
+    """The first registered family whose pattern matches all of ``name``."""
+    for family in _FAMILIES.values():
+        if family.pattern.fullmatch(name):
+            return family
+    return None
+
+
 def is_model(name: str) -> bool:
-    try:
-        return name in _REGISTRY or _wrn_builder(name) is not None
-    except ValueError:  # wrn_{d}_{k} with an impossible depth
+    """Whether ``name`` is a registered model or a possible member of a model family."""
+    if name in _REGISTRY:
+        return True
+    family = _family(name)
+    if family is None:
         return False
-
-
-def _wrn_builder(name: str) -> Callable[..., nn.Module] | None:
-    """``wrn_{depth}_{width}`` names beyond the registered ones (lazy import: no cycle)."""
-    from samkit.models.wide_resnet import parse_wrn_name, wrn_from_name
-
-    if parse_wrn_name(name) is None:
-        return None
-    return lambda **kw: wrn_from_name(name, **kw)
+    if family.check is not None:
+        try:
+            family.check(name)
+        except ValueError:  # e.g. wrn_{d}_{k} with an impossible depth
+            return False
+    return True
 
 
 def create_model(
@@ -69,9 +137,9 @@ def create_model(
     try:
         fn = _REGISTRY[name]
     except KeyError:
-        wrn = _wrn_builder(name)  # raises ValueError for a malformed depth, e.g. wrn_27_10
-        if wrn is not None:
-            return wrn(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        family = _family(name)
+        if family is not None:  # its builder raises ValueError for an impossible member
+            return family.builder(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
         known = ", ".join(list_models()) or "(none)"
         raise ValueError(f"unknown model {name!r}; known models: {known}") from None
     return fn(num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -11,9 +11,9 @@ changes; the 1x1 convolution then reads the block's pre-activated input, as in t
 follows the paper's convention ``d = 6n + 4`` (WRN-28: n = 4). WRN-28-10 has ~36.5M parameters.
 
 Registered names: ``WideResnet28x10`` (the seed system's name), ``wrn_16_8`` (davda54/sam's
-CIFAR model) and ``wrn_28_10``; all take ``drop_rate``. Any ``wrn_{d}_{k}`` name is understood
-by :func:`parse_wrn_name` / :func:`wrn_from_name` (the registry can use them as a fallback for
-names it does not know).
+CIFAR model) and ``wrn_28_10``; all take ``drop_rate``. Any other ``wrn_{d}_{k}`` name is
+understood by :func:`parse_wrn_name` / :func:`wrn_from_name`, registered as the model family
+``wrn_{depth}_{k}`` (see :func:`samkit.models.registry.register_model_family`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from samkit.models.registry import register_model
+from samkit.models.registry import register_model, register_model_family
 
 __all__ = ["WideBasicBlock", "WideResNet", "parse_wrn_name", "wide_resnet", "wrn_from_name"]
 
@@ -156,3 +156,5 @@ def _register_wrn(depth: int, k: int) -> None:
 for _d, _k in ((16, 8), (28, 10)):
     _register_wrn(_d, _k)
 del _d, _k
+
+register_model_family(_WRN_NAME, wrn_from_name, display="wrn_{depth}_{k}", check=parse_wrn_name)
