@@ -86,12 +86,12 @@ def test_markdown_and_text_tables(two_runs):
 
 
 def test_samkit_train_key_names_and_missing_keys(tmp_path):
-    """The keys ``samkit train`` writes (accuracies, wall_seconds, train_images_per_second)."""
+    """The keys ``samkit train`` writes (accuracies, wall_seconds, images_per_sec)."""
     run = write_run(
         tmp_path / "run",
         [
-            dict(epoch=1, test_error_rate=0.2, train_images_per_second=900.0, wall_seconds=50.0),
-            dict(epoch=2, test_error_rate=0.1, train_images_per_second=1100.0, wall_seconds=99.0),
+            dict(epoch=1, test_error_rate=0.2, images_per_sec=900.0, wall_seconds=50.0),
+            dict(epoch=2, test_error_rate=0.1, images_per_sec=1100.0, wall_seconds=99.0),
         ],
         dict(final_test_accuracy=0.9, best_test_accuracy=0.93, wall_seconds=100.0),
     )

@@ -34,8 +34,7 @@ from samkit.analysis import (
 from samkit.cli import main
 from samkit.data import build_datasets, make_loader
 from samkit.models import create_model
-from samkit.train.checkpoint import save_checkpoint
-from samkit.train.run import load_run_model
+from samkit.rundir import load_run_model, save_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # resnet_tiny, cut down to two narrow stages (~1.6k parameters): BatchNorm, convolutions, a
@@ -287,9 +286,9 @@ def test_compare_both_key_spellings(tmp_path, capsys):
         root / "rho_0" / "seed_0",
         [
             dict(epoch=1, learning_rate=0.05, train_loss=1.0, test_error_rate=0.30,
-                 test_accuracy=0.70, train_images_per_second=1000.0, wall_seconds=6.0),
+                 test_accuracy=0.70, images_per_sec=1000.0, wall_seconds=6.0),
             dict(epoch=2, learning_rate=0.0, train_loss=0.5, test_error_rate=0.20,
-                 test_accuracy=0.80, train_images_per_second=1200.0, wall_seconds=11.0),
+                 test_accuracy=0.80, images_per_sec=1200.0, wall_seconds=11.0),
         ],
         dict(final_test_error_rate=0.2, final_test_accuracy=0.8, best_test_accuracy=0.8,
              wall_seconds=12.5),

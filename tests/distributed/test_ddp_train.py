@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from data_formats import write_fashion_mnist
-from samkit.train.checkpoint import load_latest_checkpoint
+from samkit.rundir import load_latest_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-NOBN_ENTRY = Path(__file__).resolve().with_name("nobn_entry.py")  # samkit + a model without BN
+# samkit + test hooks + a model without BatchNorm
+ENTRY = Path(__file__).resolve().parents[1] / "samkit_entry.py"
 TIMEOUT = 150.0
 COMMON = [
     "--model-name", "resnet_tiny",
@@ -68,11 +69,11 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def _launch(
     args: list[str],
     nproc: int,
-    env: dict[str, str] | None = None,
+    hooks: list[str] = (),
     nobn: bool = False,
     stdout: Any = subprocess.PIPE,
 ) -> subprocess.Popen:
-    target = [str(NOBN_ENTRY)] if nobn else ["-m", "samkit"]
+    target = [str(ENTRY), *hooks] if (nobn or hooks) else ["-m", "samkit"]
     if nproc == 1:
         cmd = [sys.executable, *target, "train", *args]
     else:
@@ -84,7 +85,7 @@ def _launch(
         ]  # fmt: skip
     return subprocess.Popen(
         cmd,
-        env=_env(env),
+        env=_env(),
         stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
@@ -196,7 +197,7 @@ def _launch_until_first_checkpoint(run: Path, data: Path) -> subprocess.Popen:
     """Start a slowed-down 2-process job in ``run``; return it, still running, once its first
     checkpoint exists. The caller stops it (the job is killed if waiting fails)."""
     args = [*COMMON, "--data-dir", str(data), "--run-dir", str(run)]
-    proc = _launch(args, 2, env={"SAMKIT_TEST_STEP_DELAY": "0.4"})
+    proc = _launch(args, 2, hooks=["--step-delay", "0.4"])
     deadline = time.monotonic() + TIMEOUT
     try:
         while not list((run / "checkpoints").glob("ckpt-*.pt")) if run.exists() else True:
@@ -229,7 +230,7 @@ def test_a_rank_that_raises_ends_the_job(data, tmp_path):
             [*COMMON, "--data-dir", str(data), "--run-dir", str(tmp_path / "r"),
              "--dist-timeout", "30"],
             2,
-            env={"SAMKIT_TEST_FAIL_RANK": "1:3"},
+            hooks=["--fail-at", "1:3"],
         ),
         timeout=120,
     )  # fmt: skip
@@ -341,13 +342,12 @@ def test_sigterm_during_the_final_evaluation_stops_every_rank_cleanly(data, tmp_
             "--dist-timeout", "60"]  # fmt: skip
     if where == "max_steps":
         args += ["--max-steps", "3"]
-    # SAMKIT_TEST_EVAL_DELAY: rank 0 logs a line, then every rank sleeps before evaluating.
-    env = {"SAMKIT_TEST_EVAL_DELAY": "5"}
+    # The hook: rank 0 prints a line, then every rank sleeps before evaluating.
     with log.open("w") as out_file:
-        proc = _launch(args, 2, env=env, stdout=out_file)
+        proc = _launch(args, 2, hooks=["--eval-delay", "5"], stdout=out_file)
     deadline = time.monotonic() + TIMEOUT
     try:
-        while "SAMKIT_TEST_EVAL_DELAY: evaluating" not in log.read_text():
+        while "test hook: evaluating" not in log.read_text():
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the evaluation did not start"
             time.sleep(0.1)

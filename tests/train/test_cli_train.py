@@ -291,7 +291,7 @@ def test_label_noise_exact_fraction_recorded_test_set_clean(data, tmp_path):
 
 def test_bootstrap_relabels_with_a_finished_runs_predictions(data, tmp_path):
     from samkit.data import build_datasets, make_loader
-    from samkit.train.run import load_run_model
+    from samkit.rundir import load_run_model
 
     teacher = tmp_path / "teacher"
     base = [*TINY, "--data-dir", data.dirs["fashion_mnist"]]

@@ -5,7 +5,6 @@ SIGTERM save a checkpoint and exit with 130 / 143."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -17,17 +16,20 @@ import pytest
 import torch
 from train_helpers import FAST, assert_same_weights, read_metrics
 
-from samkit.train.checkpoint import list_checkpoints, load_latest_checkpoint
+from samkit.rundir import list_checkpoints, load_latest_checkpoint
 
 STEPS_PER_EPOCH = 16  # 128 images, batches of 8
 TIMING = {"epoch_seconds", "images_per_sec", "wall_seconds"}
 
 
-def command(data, run_dir: Path, *extra: str) -> list[str]:
+ENTRY = Path(__file__).resolve().parents[1] / "samkit_entry.py"  # samkit + test hooks
+
+
+def command(data, run_dir: Path, *extra: str, hooks: tuple[str, ...] = ()) -> list[str]:
     return [
         sys.executable,
-        "-m",
-        "samkit",
+        str(ENTRY),
+        *hooks,
         "train",
         *FAST,
         "--data-dir",
@@ -53,12 +55,9 @@ def command(data, run_dir: Path, *extra: str) -> list[str]:
 
 
 def start(data, run_dir: Path, delay: float = 0.0, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    if delay:
-        env["SAMKIT_TEST_STEP_DELAY"] = str(delay)  # testing hook: sleep after every step
+    hooks = ("--step-delay", str(delay)) if delay else ()  # sleep after every step
     return subprocess.Popen(
-        command(data, run_dir, *extra),
-        env=env,
+        command(data, run_dir, *extra, hooks=hooks),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -213,7 +212,7 @@ def test_stochastic_model_resumes_mid_epoch_with_the_same_random_draws(data, tmp
     state_path = list_checkpoints(tmp_path / "c" / "checkpoints")[0]
     state = torch.load(state_path, weights_only=True)
     state["rng"]["torch"] = torch.Generator().manual_seed(99).get_state()
-    from samkit.train.checkpoint import save_checkpoint
+    from samkit.rundir import save_checkpoint
 
     state_path.unlink()
     state.pop("format")
@@ -228,13 +227,15 @@ def test_sigterm_during_the_final_evaluation_saves_and_exits_143(data, tmp_path)
     # kill the process with the default handler (no message).
     run_dir = tmp_path / "run"
     out_path = tmp_path / "out.txt"
-    env = {**os.environ, "SAMKIT_TEST_EVAL_DELAY": "4"}  # testing hook: log, sleep, evaluate
-    cmd = command(data, run_dir, "--max-steps", "3", "--save-progress-seconds", "0")
+    cmd = command(
+        data, run_dir, "--max-steps", "3", "--save-progress-seconds", "0",
+        hooks=("--eval-delay", "4"),  # print a line, sleep, evaluate
+    )  # fmt: skip
     with out_path.open("w") as out_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=out_file, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=out_file, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while "SAMKIT_TEST_EVAL_DELAY: evaluating" not in out_path.read_text():
+        while "test hook: evaluating" not in out_path.read_text():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the evaluation did not start"
             time.sleep(0.05)

@@ -21,7 +21,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from samkit.train.checkpoint import load_latest_checkpoint
+    from samkit.rundir import load_latest_checkpoint
 
     latest = load_latest_checkpoint(Path(run_dir) / "checkpoints")
     assert latest is not None, f"no checkpoint in {run_dir}"

@@ -1,35 +1,26 @@
 """Compare training runs: a table of final numbers and curves per epoch.
 
-A run directory holds ``metrics.jsonl`` (one JSON object per line, one per epoch, with keys such
-as ``epoch``, ``test_error_rate``, ``train_loss``, ``learning_rate``, ``images_per_sec``,
-``elapsed_sec``) and optionally ``summary.json`` (``final_test_error_rate``,
-``best_test_error_rate``, ``total_time_sec``, ``images_per_sec``, ``config``, ...). Missing keys
-are shown as ``-``. A ``"partial_epoch": true`` record (a run stopped mid-epoch) is dropped when
-a later record of the same or a later epoch follows (the run was resumed). The columns fall back
-on equivalent keys, in this order:
+A run directory (:mod:`samkit.rundir`) holds ``metrics.jsonl`` (one record per epoch) and, once
+finished, ``summary.json``; the keys read are the run-directory format's: per epoch ``epoch``,
+``test_error_rate``, ``train_loss``, ``learning_rate``, ``images_per_sec``, ``wall_seconds``;
+in the summary ``final_test_error_rate``, ``best_test_error_rate``, ``wall_seconds`` and
+``images_per_sec``. Missing keys are shown as ``-``, and the columns fall back, in this order:
 
-- final test error: ``final_test_error_rate``; ``1 - final_test_accuracy``; the last epoch's
-  test error;
-- best test error: ``best_test_error_rate``; ``1 - best_test_accuracy``; the minimum over epochs of
-  the test error;
-- time: ``total_time_sec``; ``wall_seconds``; ``time_sec``; the last epoch's ``elapsed_sec`` /
-  ``wall_seconds``;
-- images/s: ``images_per_sec`` / ``train_images_per_second`` / ``images_per_second`` in the
-  summary; the mean over epochs of the first of these keys the epochs record.
+- final test error: the summary's ``final_test_error_rate``; ``1 - final_test_accuracy``; the
+  last evaluated epoch's test error;
+- best test error: ``best_test_error_rate``; ``1 - best_test_accuracy``; the minimum over epochs;
+- time: the summary's ``wall_seconds``; the last epoch's ``wall_seconds``;
+- images/s: the summary's ``images_per_sec``; the mean over epochs of ``images_per_sec``.
 
-The test error of an epoch is its ``test_error_rate`` (or ``test_error``), else
-``1 - test_accuracy``; its learning rate ``learning_rate`` (or ``lr``).
-
-(``samkit train`` writes ``final_test_error_rate``, ``best_test_accuracy``, ``wall_seconds`` and
-per-epoch ``test_error_rate``, ``test_accuracy``, ``learning_rate`` and
-``train_images_per_second``, which the fallbacks cover; ``best_test_error_rate`` and
-``images_per_sec`` are read as well.)
+The test error of an epoch is its ``test_error_rate``, else ``1 - test_accuracy``. Runs written
+by other tools are read as well when they use the same keys or, for the same quantities,
+``test_error``, ``lr``, ``images_per_second``, ``total_time_sec`` / ``time_sec`` (summary, read
+before ``wall_seconds``) and ``elapsed_sec`` (epochs, read before ``wall_seconds``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from os import PathLike
@@ -37,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from samkit.analysis._utils import new_figure, save_figure
+from samkit.rundir import RunDirError, read_metrics, read_summary
+from samkit.rundir import layout as keys
 
 __all__ = [
     "ComparisonReport",
@@ -50,9 +43,6 @@ __all__ = [
     "run_row",
 ]
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-
 #: Column key -> header of the comparison table.
 COLUMNS: dict[str, str] = {
     "final_test_error": "final test error (%)",
@@ -62,22 +52,18 @@ COLUMNS: dict[str, str] = {
 }
 
 #: Equivalent per-epoch keys, first match wins (see the module docstring).
-TEST_ERROR_KEYS = ("test_error_rate", "test_error")
-LEARNING_RATE_KEYS = ("learning_rate", "lr")
-SPEED_KEYS = ("images_per_sec", "train_images_per_second", "images_per_second")
-SUMMARY_TIME_KEYS = ("total_time_sec", "wall_seconds", "time_sec")
-EPOCH_TIME_KEYS = ("elapsed_sec", "wall_seconds")
+TEST_ERROR_KEYS = (keys.TEST_ERROR_RATE, "test_error")
+LEARNING_RATE_KEYS = (keys.LEARNING_RATE, "lr")
+SPEED_KEYS = (keys.IMAGES_PER_SEC, "images_per_second")
+SUMMARY_TIME_KEYS = ("total_time_sec", keys.WALL_SECONDS, "time_sec")
+EPOCH_TIME_KEYS = ("elapsed_sec", keys.WALL_SECONDS)
 
 #: Curves drawn by :func:`plot_run_curves`: metric key -> (file stem, y label, scale to apply).
 CURVES: dict[str, tuple[str, str, float]] = {
-    "test_error_rate": ("test_error", "test error (%)", 100.0),
-    "train_loss": ("train_loss", "train loss", 1.0),
-    "learning_rate": ("learning_rate", "learning rate", 1.0),
+    keys.TEST_ERROR_RATE: ("test_error", "test error (%)", 100.0),
+    keys.TRAIN_LOSS: ("train_loss", "train loss", 1.0),
+    keys.LEARNING_RATE: ("learning_rate", "learning rate", 1.0),
 }
-
-
-class RunDirError(ValueError):
-    """A run directory is missing, has no metrics or holds a corrupt file (named in the message)."""
 
 
 @dataclasses.dataclass
@@ -97,7 +83,7 @@ class RunData:
             y = _number(rec.get(key))
             if y is None:
                 continue
-            x = _number(rec.get("epoch"))
+            x = _number(rec.get(keys.EPOCH))
             xs.append(x if x is not None else float(i))
             ys.append(y)
         return xs, ys
@@ -116,16 +102,16 @@ class RunData:
         xs, ys = self.first_series(TEST_ERROR_KEYS)
         if ys:
             return xs, ys
-        xs, acc = self.series("test_accuracy")
+        xs, acc = self.series(keys.TEST_ACCURACY)
         return xs, [1.0 - a for a in acc]
 
     def curve(self, key: str) -> tuple[list[float], list[float]]:
         """The per-epoch series plotted for ``key``, with the equivalent keys resolved."""
-        if key == "test_error_rate":
+        if key == keys.TEST_ERROR_RATE:
             return self.test_errors()
-        if key == "learning_rate":
+        if key == keys.LEARNING_RATE:
             return self.first_series(LEARNING_RATE_KEYS)
-        if key == "images_per_sec":
+        if key == keys.IMAGES_PER_SEC:
             return self.first_series(SPEED_KEYS)
         return self.series(key)
 
@@ -136,59 +122,6 @@ def _number(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise RunDirError(f"no metrics: {path} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                snippet = line.strip()[:80]
-                raise RunDirError(
-                    f"{path}:{lineno}: corrupt line, not valid JSON ({exc.msg}): {snippet!r}"
-                ) from None
-            if not isinstance(rec, dict):
-                kind = type(rec).__name__
-                raise RunDirError(
-                    f"{path}:{lineno}: corrupt line, expected a JSON object, got {kind}"
-                )
-            records.append(rec)
-    if not records:
-        raise RunDirError(f"no metrics: {path} has no records")
-    return _drop_superseded_partials(records)
-
-
-def _drop_superseded_partials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop ``"partial_epoch": true`` records (a run stopped mid-epoch) that a later record of the
-    same or a later epoch replaces (the run was resumed), so each epoch is counted once."""
-    epochs = [_number(r.get("epoch")) for r in records]
-    kept = []
-    for i, (rec, e) in enumerate(zip(records, epochs)):
-        later = epochs[i + 1 :]
-        if rec.get("partial_epoch") is True and any(
-            e is not None and x is not None and x >= e for x in later
-        ):
-            continue
-        kept.append(rec)
-    return kept
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}: corrupt file, not valid JSON ({exc})") from None
-    if not isinstance(summary, dict):
-        raise RunDirError(f"{path}: corrupt file, expected a JSON object")
-    return summary
 
 
 def load_run(run_dir: str | PathLike[str], name: str | None = None) -> RunData:
@@ -202,8 +135,8 @@ def load_run(run_dir: str | PathLike[str], name: str | None = None) -> RunData:
     return RunData(
         name=name if name is not None else path.name,
         path=path,
-        metrics=_read_metrics(path / METRICS_FILE),
-        summary=_read_summary(path / SUMMARY_FILE),
+        metrics=read_metrics(path),
+        summary=read_summary(path),
     )
 
 
@@ -250,13 +183,13 @@ def run_row(run: RunData) -> dict[str, Any]:
     return {
         "name": run.name,
         "final_test_error": _first(
-            _number(s.get("final_test_error_rate")),
-            _complement(s.get("final_test_accuracy")),
+            _number(s.get(keys.FINAL_TEST_ERROR_RATE)),
+            _complement(s.get(keys.FINAL_TEST_ACCURACY)),
             errors[-1] if errors else None,
         ),
         "best_test_error": _first(
-            _number(s.get("best_test_error_rate")),
-            _complement(s.get("best_test_accuracy")),
+            _number(s.get(keys.BEST_TEST_ERROR_RATE)),
+            _complement(s.get(keys.BEST_TEST_ACCURACY)),
             min(errors) if errors else None,
         ),
         "time_sec": _first(
@@ -332,7 +265,7 @@ def plot_run_curves(
                 ax.plot(xs, [scale * y for y in ys], marker="o", ms=3, lw=1.5, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        if key == "train_loss" and all(y > 0 for _, (_, ys) in series for y in ys):
+        if key == keys.TRAIN_LOSS and all(y > 0 for _, (_, ys) in series for y in ys):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()

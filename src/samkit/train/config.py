@@ -1,16 +1,74 @@
-"""Settings of a training run; free of heavy imports so that the CLI starts fast.
+"""Settings of a training run, each defined once: its default, help, domain and flag spellings.
 
-The defaults are those of ``samkit train`` with no flags: the Fashion-MNIST CPU main job. Where
-they differ from the seed system's (google-research/sam) defaults, :data:`SEED_DEFAULTS` records
-the seed's value; ``docs/train.md`` explains each difference.
+Every field of :class:`TrainConfig` is a ``samkit train`` flag (except ``holdout_fraction``): the
+command line (:mod:`samkit.cli.train`) derives its parser from :func:`settings`, and
+``docs/train.md``'s flag tables are checked against that parser by the tests. The defaults are
+those of ``samkit train`` with no flags: the Fashion-MNIST CPU main job. Where they differ from
+the seed system's (google-research/sam) defaults, the field says so (``seed_default``) and
+``docs/train.md`` explains why. Options of a sharpness-aware optimizer (``sam_rho``,
+``esam_beta``, ...) take their default, help and domain from the optimizer registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["RESUME_IGNORED", "SEED_DEFAULTS", "TrainConfig"]
+from samkit import domains
+from samkit.data.registry import DATASETS
+from samkit.data.transforms import BATCH_LEVEL, IMAGE_LEVEL
+from samkit.domains import Interval
+from samkit.models import list_model_families
+from samkit.optim.registry import get_optimizer_info, list_optimizers
+
+__all__ = [
+    "RESUME_IGNORED",
+    "SEED_DEFAULTS",
+    "Setting",
+    "TrainConfig",
+    "settings",
+]
+
+_SAME = object()  # the command line's default is the field's own
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How a :class:`TrainConfig` field appears on the command line and in the docs."""
+
+    help: str
+    group: str
+    seed: str | None = None  # the seed system's spelling of the flag (an alias here)
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+    domain: Interval | None = None  # for numbers
+    choices: Sequence[str] | None = None
+    seed_default: Any = _SAME  # the seed system's default, where it differs from ours
+    affects_training: bool = True  # False: may change when a run is resumed
+    flag_default: Any = _SAME  # the parser's default, when it is not the field's
+    is_flag: bool = True
+
+
+def _setting(default: Any, help: str, group: str, **kw: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, group, **kw)})
+
+
+def _optimizer_option(optimizer: str, option: str, group: str, **kw: Any) -> Any:
+    """A field whose default, help, domain and choices are the optimizer registry's."""
+    opt = get_optimizer_info(optimizer).option(option)
+    kw.setdefault("domain", opt.domain)
+    kw.setdefault("choices", opt.choices)
+    return _setting(opt.default, opt.help, group, **kw)
+
+
+TRAINED = "what is trained"
+OPTIMISATION = "optimisation"
+DATA = "data"
+FINE_TUNING = "fine-tuning"
+EVALUATION = "evaluation"
+MACHINE = "outputs, checkpoints, machine"
 
 
 @dataclasses.dataclass
@@ -18,104 +76,413 @@ class TrainConfig:
     """Settings of one training run (the defaults are those of ``samkit train``)."""
 
     # What is trained
-    dataset: str = "fashion_mnist"
-    model_name: str = "resnet_small"
-    num_epochs: int = 12
-    batch_size: int = 128
+    dataset: str = _setting(
+        "fashion_mnist",
+        "data set",
+        TRAINED,
+        seed="--dataset",
+        choices=sorted(DATASETS),
+        seed_default="cifar10",
+    )
+    model_name: str = _setting(
+        "resnet_small",
+        "model from the registry (samkit.models.list_models(); also any "
+        + ", ".join(list_model_families())
+        + ")",
+        TRAINED,
+        seed="--model_name",
+        aliases=("--model",),
+        metavar="NAME",
+        seed_default="WideResnet28x10",
+    )
+    num_epochs: int = _setting(
+        12,
+        "training epochs",
+        TRAINED,
+        seed="--num_epochs",
+        aliases=("--epochs",),
+        metavar="N",
+        domain=domains.POSITIVE,
+        seed_default=200,
+    )
+    batch_size: int = _setting(
+        128,
+        "training batch size",
+        TRAINED,
+        seed="--batch_size",
+        metavar="N",
+        domain=domains.POSITIVE,
+    )
     # Optimisation
-    learning_rate: float = 0.1  # peak; cosine decay to 0 over all steps, updated every step
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    weight_decay_mode: str = "decoupled"  # "loss": 0.5 * wd * ||w||^2 in the loss (the seed)
-    gradient_clipping: float | None = None  # global norm of the (SAM) gradient; None: off
-    label_smoothing: float = 0.0
-    ema_decay: float = 0.0  # EMA of the weights, evaluated (and checkpointed) when > 0
-    optimizer: str = "sam"  # sgd | sam | esam; rho 0 with sam / esam trains with plain SGD
-    sam_rho: float = 0.05
-    sam_m: int | None = None  # m-sharpness: per-chunk perturbations of m samples
-    sam_adaptive: bool = False  # ASAM
-    esam_beta: float = 0.5
-    esam_gamma: float = 0.5
-    esam_criterion: str = "sharpness"
-    amp: str = "none"  # none | bf16 | fp16
-    sync_perturbations: bool = False  # torchrun: perturb with the global batch's gradient
-    sync_bn: bool = False  # torchrun: SyncBatchNorm (CUDA only); no effect in one process
-    run_seed: int = 0
+    learning_rate: float = _setting(
+        0.1,
+        "peak learning rate; cosine decay to 0, updated every step",
+        OPTIMISATION,
+        seed="--learning_rate",
+        metavar="LR",
+        domain=domains.POSITIVE,
+    )
+    momentum: float = _setting(
+        0.9, "SGD momentum", OPTIMISATION, metavar="M", domain=domains.UNIT_CLOSED_OPEN
+    )
+    nesterov: bool = _setting(True, "Nesterov momentum (the seed always uses it)", OPTIMISATION)
+    weight_decay: float = _setting(
+        5e-4,
+        "weight decay of all parameters",
+        OPTIMISATION,
+        seed="--weight_decay",
+        metavar="WD",
+        domain=domains.NON_NEGATIVE,
+        seed_default=0.001,
+    )
+    weight_decay_mode: str = _setting(
+        "decoupled",
+        "decoupled: in the base SGD step (outside the perturbation); loss: the seed's "
+        "0.5 * wd * ||w||^2 added to the loss, so it also enters the perturbation",
+        OPTIMISATION,
+        choices=("decoupled", "loss"),
+        seed_default="loss",
+    )
+    gradient_clipping: float | None = _setting(
+        None,
+        "clip the (SAM) gradient to this global norm; 0 = off",
+        OPTIMISATION,
+        seed="--gradient_clipping",
+        metavar="NORM",
+        domain=domains.NON_NEGATIVE,
+        flag_default=0.0,
+        seed_default=5.0,
+    )
+    label_smoothing: float = _setting(
+        0.0,
+        "label smoothing of the training loss",
+        OPTIMISATION,
+        seed="--label_smoothing",
+        metavar="EPS",
+        domain=domains.UNIT_CLOSED_OPEN,
+    )
+    ema_decay: float = _setting(
+        0.0,
+        "if > 0, keep an exponential moving average of the weights and evaluate it",
+        OPTIMISATION,
+        seed="--ema_decay",
+        metavar="DECAY",
+        domain=domains.UNIT_CLOSED_OPEN,
+    )
+    optimizer: str = _setting(
+        "sam",
+        "; ".join(f"{name}: {get_optimizer_info(name).description}" for name in list_optimizers())
+        + " (over SGD; a sharpness-aware optimizer with --sam-rho 0 is plain SGD)",
+        OPTIMISATION,
+        choices=tuple(list_optimizers()),
+    )
+    sam_rho: float = _optimizer_option(
+        "sam",
+        "rho",
+        OPTIMISATION,
+        seed="--sam_rho",
+        metavar="RHO",
+        flag_default=None,  # the default depends on --optimizer (0 for sgd)
+        seed_default=0.0,
+    )
+    sam_m: int | None = _setting(
+        None,
+        "m-sharpness: a separate perturbation per chunk of M samples (default: the batch; "
+        "under torchrun each process's share of the batch)",
+        OPTIMISATION,
+        metavar="M",
+        domain=domains.POSITIVE,
+    )
+    sam_adaptive: bool = _optimizer_option("sam", "adaptive", OPTIMISATION)
+    esam_beta: float = _optimizer_option("esam", "beta", OPTIMISATION, metavar="BETA")
+    esam_gamma: float = _optimizer_option("esam", "gamma", OPTIMISATION, metavar="GAMMA")
+    esam_criterion: str = _optimizer_option("esam", "sds_criterion", OPTIMISATION)
+    amp: str = _setting(
+        "none",
+        "mixed precision (fp16 with a gradient scaler)",
+        OPTIMISATION,
+        choices=("none", "bf16", "fp16"),
+    )
+    sync_perturbations: bool = _setting(
+        False,
+        "under torchrun: all-reduce the first-pass gradients so every process perturbs with "
+        "the global batch's gradient (default: each process perturbs with its own share, "
+        "m = per-process batch, as the SAM paper)",
+        OPTIMISATION,
+    )
+    sync_bn: bool = _setting(
+        False,
+        "under torchrun: convert BatchNorm layers to torch.nn.SyncBatchNorm, so they "
+        "normalise over the global batch (CUDA devices only; refused on the CPU; no effect "
+        "in one process)",
+        OPTIMISATION,
+    )
+    run_seed: int = _setting(
+        0,
+        "seed of the initialisation, data order, augmentation, noise",
+        OPTIMISATION,
+        seed="--run_seed",
+        metavar="SEED",
+        domain=domains.NON_NEGATIVE,
+    )
     # Data
-    use_test_set: bool = True  # False: evaluate on a 10% holdout of the training set
-    holdout_fraction: float = 0.1
-    image_level_augmentations: str = "none"
-    batch_level_augmentations: str = "none"
-    cutout_length: int = 16
-    image_size: int | None = None  # crop size of image folders (default 224)
-    label_noise: float = 0.0
-    bootstrap_from: str | None = None
-    train_subset: int | None = None
-    data_dir: str | None = None
-    workers: int = 0
+    use_test_set: bool = _setting(
+        True,
+        "evaluate on the test set; false: on a 10% holdout of the training set",
+        DATA,
+        seed="--use_test_set",
+    )
+    holdout_fraction: float = _setting(
+        0.1, "fraction of the training set held out", DATA, is_flag=False
+    )
+    image_level_augmentations: str = _setting(
+        "none",
+        "basic: flip + reflect-pad 4 + crop; autoaugment: AutoAugment then basic "
+        "(RandAugment(2, 9) + inception crop for imagenet/image_folder); aa-only: SVHN",
+        DATA,
+        seed="--image_level_augmentations",
+        aliases=("--augment",),
+        choices=IMAGE_LEVEL,
+        seed_default="basic",
+    )
+    batch_level_augmentations: str = _setting(
+        "none",
+        "cutout after normalising",
+        DATA,
+        seed="--batch_level_augmentations",
+        choices=BATCH_LEVEL,
+    )
+    cutout_length: int = _setting(
+        16,
+        "side of the cutout square",
+        DATA,
+        seed="--cutout_length",
+        metavar="PX",
+        domain=domains.POSITIVE,
+    )
+    image_size: int | None = _setting(
+        None,
+        "crop size for imagenet / image_folder (default: 224)",
+        DATA,
+        metavar="PX",
+        domain=domains.POSITIVE,
+    )
+    label_noise: float = _setting(
+        0.0,
+        "flip this fraction of the training labels to another class (seeded, recorded in "
+        "label_noise.json; the test set stays clean)",
+        DATA,
+        metavar="FRACTION",
+        domain=domains.FRACTION,
+    )
+    bootstrap_from: str | None = _setting(
+        None,
+        "relabel the training set with the predictions of that finished run's model, then "
+        "train from scratch",
+        DATA,
+        metavar="RUN_DIR",
+    )
+    train_subset: int | None = _setting(
+        None,
+        "train on the first N training images only",
+        TRAINED,
+        metavar="N",
+        domain=domains.POSITIVE,
+    )
+    data_dir: str | None = _setting(
+        None,
+        "where the data set is (searched without it: $SAMKIT_DATA, "
+        "~/.cache/samkit/<dataset>, and for Fashion-MNIST /usr/share/datasets/fashion-mnist)",
+        DATA,
+        metavar="DIR",
+        affects_training=False,
+    )
+    workers: int = _setting(
+        0,
+        "data-loading worker processes (only for per-image augmentation and folders)",
+        DATA,
+        metavar="N",
+        domain=domains.NON_NEGATIVE,
+        affects_training=False,
+    )
     # Fine-tuning
-    from_pretrained_checkpoint: bool = False
-    pretrained_checkpoint: str | None = None
-    freeze_bn_stats: bool = False
+    from_pretrained_checkpoint: bool = _setting(
+        False,
+        "start from the weights in --pretrained-checkpoint (default: true when that is given)",
+        FINE_TUNING,
+        seed="--from_pretrained_checkpoint",
+        flag_default=None,
+    )
+    pretrained_checkpoint: str | None = _setting(
+        None,
+        "a LOCAL state_dict (or samkit checkpoint) file; a head with another class count "
+        "is replaced by a new one",
+        FINE_TUNING,
+        seed="--efficientnet_checkpoint_path",
+        aliases=("--efficientnet-checkpoint-path",),
+        metavar="FILE",
+    )
+    freeze_bn_stats: bool = _setting(
+        False, "keep the BatchNorm running statistics fixed", FINE_TUNING
+    )
     # Evaluation
-    evaluate_every: int = 1  # epochs; the last epoch is always evaluated
-    compute_top_5_error_rate: bool = False
-    eval_batch_size: int | None = None  # None: 1000 for in-memory data sets, else batch_size
+    evaluate_every: int = _setting(
+        1,
+        "evaluate every N epochs (and after the last)",
+        EVALUATION,
+        seed="--evaluate_every",
+        metavar="EPOCHS",
+        domain=domains.POSITIVE,
+        affects_training=False,
+    )
+    compute_top_5_error_rate: bool = _setting(
+        False,
+        "also report the top-5 error rate",
+        EVALUATION,
+        seed="--compute_top_5_error_rate",
+        affects_training=False,
+    )
+    eval_batch_size: int | None = _setting(
+        None,
+        "evaluation batch size (default: 1000, or --batch-size for image folders)",
+        EVALUATION,
+        metavar="N",
+        domain=domains.POSITIVE,
+        affects_training=False,
+    )
     # Outputs, checkpoints, machine
-    output_dir: str = "runs"
-    run_dir: str | None = None  # overrides output_dir/lr_{lr}/wd_{wd}/rho_{rho}/seed_{seed}
-    save_progress_seconds: float = 3600.0
-    resume: bool = True
-    max_steps: int | None = None  # stop after this many steps in total (smoke tests)
-    device: str = "cpu"
-    threads: int | None = None  # torch.set_num_threads; None keeps torch's default
-    tensorboard: bool = True
-    progress: bool | None = None  # None: a progress bar only on a terminal
-    dist_timeout: float = 1800.0  # torchrun: seconds a collective may wait for the other ranks
+    output_dir: str = _setting(
+        "runs",
+        "runs go to DIR/lr_{lr}/wd_{wd}/rho_{rho}/seed_{seed}/",
+        MACHINE,
+        seed="--output_dir",
+        metavar="DIR",
+        affects_training=False,
+    )
+    run_dir: str | None = _setting(
+        None,
+        "write the run exactly here instead of the nested layout under --output-dir",
+        MACHINE,
+        metavar="DIR",
+        affects_training=False,
+    )
+    save_progress_seconds: float = _setting(
+        3600.0,
+        "also checkpoint every S seconds within an epoch (checkpoints are always written at "
+        "each epoch end and on Ctrl-C / SIGTERM; 2 are kept)",
+        MACHINE,
+        seed="--save_progress_seconds",
+        metavar="S",
+        domain=domains.NON_NEGATIVE,
+        affects_training=False,
+    )
+    resume: bool = _setting(
+        True,
+        "continue from the run directory's latest good checkpoint; --no-resume discards "
+        "its checkpoints and starts over",
+        MACHINE,
+        affects_training=False,
+    )
+    max_steps: int | None = _setting(
+        None,
+        "stop after N optimizer steps in total, evaluate and write the summary; the "
+        "learning-rate schedule still spans --num-epochs (for smoke tests)",
+        TRAINED,
+        metavar="N",
+        domain=domains.POSITIVE,
+        affects_training=False,
+    )
+    device: str = _setting(
+        "cpu",
+        "torch device: cpu, cuda, cuda:1",
+        MACHINE,
+        metavar="DEVICE",
+        affects_training=False,
+    )
+    threads: int | None = _setting(
+        None,
+        "CPU threads for torch (default: torch's choice, one per core); on a machine shared "
+        "with other busy processes --threads 1 avoids a steep slowdown",
+        MACHINE,
+        metavar="N",
+        domain=domains.POSITIVE,
+        affects_training=False,
+    )
+    tensorboard: bool = _setting(True, "write TensorBoard scalars", MACHINE, affects_training=False)
+    progress: bool | None = _setting(
+        None,
+        "show a progress bar (default: only on a terminal)",
+        MACHINE,
+        affects_training=False,
+    )
+    dist_timeout: float = _setting(
+        1800.0,
+        "under torchrun: seconds a collective operation waits for the other processes "
+        "before the job fails",
+        MACHINE,
+        metavar="S",
+        domain=domains.POSITIVE,
+        affects_training=False,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def sharpness_aware(self) -> bool:
-        """True when the run takes SAM / ESAM steps (rho > 0 with a sharpness-aware optimizer)."""
-        return self.optimizer in ("sam", "esam") and self.sam_rho > 0
+        """True when the run takes sharpness-aware steps (rho > 0 with such an optimizer)."""
+        return get_optimizer_info(self.optimizer).sharpness_aware and self.sam_rho > 0
+
+    @property
+    def effective_optimizer(self) -> str:
+        """The optimizer that runs: ``sgd`` when rho is 0, else ``optimizer``."""
+        return self.optimizer if self.sharpness_aware else "sgd"
 
     @property
     def effective_rho(self) -> float:
         return self.sam_rho if self.sharpness_aware else 0.0
 
 
-#: The seed system's defaults where ours differ (flag -> seed default).
-SEED_DEFAULTS: dict[str, Any] = {
-    "dataset": "cifar10",
-    "model_name": "WideResnet28x10",
-    "num_epochs": 200,
-    "weight_decay": 0.001,
-    "weight_decay_mode": "loss",
-    "gradient_clipping": 5.0,
-    "sam_rho": 0.0,
-    "image_level_augmentations": "basic",
-}
+@dataclasses.dataclass(frozen=True)
+class SettingField:
+    """A :class:`TrainConfig` field with its :class:`Setting` and resolved type."""
+
+    name: str
+    default: Any
+    kind: type  # bool, int, float or str (``X | None`` resolved to X)
+    optional: bool  # None is a valid value
+    setting: Setting
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def flag_default(self) -> Any:
+        return self.default if self.setting.flag_default is _SAME else self.setting.flag_default
+
+
+def settings() -> list[SettingField]:
+    """Every field of :class:`TrainConfig`, in order, with its :class:`Setting`."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        members = typing.get_args(hint)  # (int, NoneType) for `int | None`; () for `int`
+        optional = type(None) in members
+        kind = next(t for t in members if t is not type(None)) if members else hint
+        out.append(SettingField(f.name, f.default, kind, optional, f.metadata["setting"]))
+    return out
+
+
+def _seed_defaults() -> dict[str, Any]:
+    return {
+        s.name: s.setting.seed_default for s in settings() if s.setting.seed_default is not _SAME
+    }
+
+
+#: The seed system's defaults where ours differ (field -> seed default).
+SEED_DEFAULTS: dict[str, Any] = _seed_defaults()
 
 #: Settings that may change when a run is resumed: they do not change what is trained.
-RESUME_IGNORED = frozenset(
-    {
-        "data_dir",
-        "workers",
-        "output_dir",
-        "run_dir",
-        "save_progress_seconds",
-        "resume",
-        "max_steps",
-        "device",
-        "threads",
-        "tensorboard",
-        "progress",
-        "dist_timeout",
-        "evaluate_every",
-        "compute_top_5_error_rate",
-        "eval_batch_size",
-    }
-)
+RESUME_IGNORED = frozenset(s.name for s in settings() if not s.setting.affects_training)

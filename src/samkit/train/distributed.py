@@ -10,11 +10,13 @@ on CUDA and gloo otherwise. :func:`eval_shard` cuts every rank's share out of an
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "DistInfo",
@@ -83,8 +85,6 @@ def sync_bn_supported(device: torch.device) -> bool:
 def convert_sync_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     """``model`` with every BatchNorm layer replaced by ``torch.nn.SyncBatchNorm`` (same
     parameters, buffers and ``state_dict`` keys), and how many layers were converted."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     count = sum(isinstance(m, _BatchNorm) for m in model.modules())
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model), count
 
@@ -104,8 +104,6 @@ def exit_without_teardown(code: int = 0) -> None:
     ("terminate called without an active exception", SIGABRT). Call it after a barrier, once every
     result is written.
     """
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

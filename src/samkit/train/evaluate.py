@@ -1,9 +1,10 @@
-"""``samkit evaluate``: re-evaluate a training run's checkpoint.
+"""Evaluation: a model over a data loader (:func:`evaluate_model`, used after every epoch of
+training), and ``samkit evaluate``'s re-evaluation of a run's checkpoint (:func:`evaluate_run`).
 
-The model is rebuilt from the run's ``config.json`` and the data are prepared exactly as the
-training loop prepared its evaluation split (same data set, holdout seed, batch size, memory
-format and, unless told otherwise, thread count), so evaluating a finished run's last checkpoint
-reproduces the run's final test error.
+For :func:`evaluate_run` the model is rebuilt from the run's ``config.json`` and the data are
+prepared exactly as the training loop prepared its evaluation split (same data set, holdout
+seed, batch size, memory format and, unless told otherwise, thread count), so evaluating a
+finished run's last checkpoint reproduces the run's final test error.
 """
 
 from __future__ import annotations
@@ -12,8 +13,55 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["evaluate_run"]
+from samkit.data import build_datasets, make_loader
+from samkit.rundir import CONFIG_FILE, load_run_model, read_config, resolve_run
+from samkit.train.build import HOLDOUT_SEED, eval_batch_size, memory_format_for
+
+__all__ = ["evaluate_model", "evaluate_run"]
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: nn.Module,
+    loader: Any,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    top5: bool = False,
+    all_reduce: bool = False,
+) -> dict[str, float]:
+    """Cross-entropy, error rate (and top-5 error rate) of ``model`` over ``loader``.
+
+    ``all_reduce``: every process of the initialised process group evaluated its own shard; the
+    sums (loss, errors, count) are added up across processes so every process returns the result
+    over the union of the shards."""
+    model.eval()
+    total_loss, wrong, wrong5, count = 0.0, 0, 0, 0
+    for x, y in loader:
+        logits = model(x.contiguous(memory_format=memory_format)).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        wrong += (logits.argmax(1) != y).sum().item()
+        if top5:
+            k = min(5, logits.shape[1])
+            wrong5 += (~(logits.topk(k, dim=1).indices == y[:, None]).any(1)).sum().item()
+        count += y.numel()
+    if all_reduce:
+        device = next(model.parameters()).device
+        sums = torch.tensor([total_loss, wrong, wrong5, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total_loss = sums[0].item()
+        wrong, wrong5, count = (int(round(v)) for v in sums[1:].tolist())
+    n = max(1, count)
+    out = {
+        "loss": total_loss / n,
+        "error_rate": wrong / n,
+        "accuracy": 1.0 - wrong / n,
+        "num_examples": count,
+    }
+    if top5:
+        out["top_5_error_rate"] = wrong5 / n
+    return out
 
 
 def evaluate_run(
@@ -32,15 +80,6 @@ def evaluate_run(
     ``weights``: ``"auto"`` uses the EMA weights when the run kept them (they are what the run
     evaluated), ``"ema"`` requires them, ``"model"`` uses the trained weights.
     """
-    from samkit.data import build_datasets, make_loader
-    from samkit.train.loop import (
-        HOLDOUT_SEED,
-        default_eval_batch_size,
-        evaluate_model,
-        memory_format_for,
-    )
-    from samkit.train.run import load_run_model, read_config, resolve_run
-
     if split not in ("test", "holdout"):
         raise ValueError(f"split must be 'test' or 'holdout', not {split!r}")
     if weights not in ("auto", "ema", "model"):
@@ -48,7 +87,7 @@ def evaluate_run(
     run_dir, _ = resolve_run(path)
     config = read_config(run_dir)
     if "dataset" not in config:
-        raise ValueError(f"{run_dir / 'config.json'}: no 'dataset'; cannot rebuild the data")
+        raise ValueError(f"{run_dir / CONFIG_FILE}: no 'dataset'; cannot rebuild the data")
     threads_before = torch.get_num_threads()
     threads = threads if threads is not None else config.get("threads")
     if threads:
@@ -73,9 +112,8 @@ def evaluate_run(
                 f"{config.get('num_classes')}"
             )
         if batch_size is None:
-            batch_size = config.get("eval_batch_size_resolved") or default_eval_batch_size(
-                _Cfg(config.get("eval_batch_size"), config.get("batch_size", 128)),
-                info.in_memory,
+            batch_size = config.get("eval_batch_size_resolved") or eval_batch_size(
+                config.get("eval_batch_size"), config.get("batch_size", 128), info.in_memory
             )
         if top5 is None:
             top5 = bool(config.get("compute_top_5_error_rate", False))
@@ -104,10 +142,3 @@ def evaluate_run(
     if "top_5_error_rate" in result:
         out["test_top_5_error_rate"] = result["top_5_error_rate"]
     return out
-
-
-class _Cfg:
-    """The two fields default_eval_batch_size reads."""
-
-    def __init__(self, eval_batch_size: int | None, batch_size: int):
-        self.eval_batch_size, self.batch_size = eval_batch_size, batch_size

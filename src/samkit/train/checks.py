@@ -1,0 +1,155 @@
+"""From settings to a :class:`TrainConfig` that can run: each value in its domain, the settings
+that only make sense together, and what the machine must have (model, device, files).
+
+Every problem is a :class:`ConfigError` whose message starts with the flag at fault. The command
+line parses text into values and calls :func:`config_from_values`; ``samkit sweep`` calls it with
+a spec's values, so a spec is checked exactly as ``samkit train`` would check its command line.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samkit.data.transforms import train_transform
+from samkit.models import is_model, list_model_families, list_models
+from samkit.optim import get_optimizer_info
+from samkit.train.config import SettingField, TrainConfig, settings
+from samkit.train.errors import ConfigError
+
+__all__ = ["check_value", "config_from_values", "device_problem"]
+
+
+def device_problem(name: str) -> str | None:
+    """An error message if ``name`` is not a usable torch device, else None."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"--device: {name!r} is not a torch device (try cpu or cuda)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available on this machine"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available on this machine"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"--device {name}: unsupported device type {device.type!r}"
+    return None
+
+
+def check_value(field: SettingField, value: Any) -> Any:
+    """``value`` if it is of the setting's type and in its domain or choices (ints are accepted
+    for floats), else :class:`ConfigError` in the command line's words."""
+    flag, setting = field.flag, field.setting
+    if value is None and (field.optional or field.flag_default is None):
+        return value
+    kind = field.kind
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (
+        kind is bool
+        and not isinstance(value, bool)
+        or (kind is not bool and (isinstance(value, bool) or not isinstance(value, kind)))
+    ):
+        raise ConfigError(f"{flag}: {value!r} is not {_kind_name(kind)}")
+    if setting.choices is not None and value not in setting.choices:
+        choices = ", ".join(repr(c) for c in setting.choices)
+        raise ConfigError(f"{flag}: invalid choice: {value!r} (choose from {choices})")
+    if (
+        setting.domain is not None
+        and kind in (int, float)
+        and (not math.isfinite(value) or not setting.domain.contains(value))
+    ):
+        raise ConfigError(f"{flag}: {value!r} is not {setting.domain.describe(kind is int)}")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def config_from_values(values: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` of ``values`` (field name -> value; missing ones take the
+    command line's defaults), after every check a run needs before it starts."""
+    fields = {f.name: f for f in settings() if f.setting.is_flag}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{unknown[0]!r} is not a samkit train setting")
+    v = {name: field.flag_default for name, field in fields.items()}
+    v.update({name: check_value(fields[name], value) for name, value in values.items()})
+
+    if not is_model(v["model_name"]):
+        families = ", ".join(list_model_families())
+        raise ConfigError(
+            f"--model-name: unknown model {v['model_name']!r}; known: "
+            f"{', '.join(list_models())} (and any {families})"
+        )
+    problem = device_problem(v["device"])
+    if problem:
+        raise ConfigError(problem)
+    try:
+        train_transform(
+            v["dataset"],
+            v["image_level_augmentations"],
+            v["batch_level_augmentations"],
+            v["cutout_length"],
+            image_size=v["image_size"],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--image-level-augmentations: {exc}") from None
+    if v["image_size"] is not None and v["dataset"] not in ("imagenet", "image_folder"):
+        raise ConfigError(f"--image-size: only for imagenet / image_folder, not {v['dataset']}")
+
+    info = get_optimizer_info(v["optimizer"])
+    rho = v["sam_rho"]
+    if not info.sharpness_aware:
+        if rho:
+            raise ConfigError(f"--sam-rho {rho:g}: has no effect with --optimizer {info.name}")
+        rho = 0.0
+    elif rho is None:
+        rho = TrainConfig.sam_rho
+    v["sam_rho"] = rho
+    if v["sync_perturbations"] and not info.supports_sync_perturbations:
+        raise ConfigError(
+            f"--sync-perturbations: not supported with --optimizer {info.name} (its weight masks "
+            "leave parameters without first-pass gradients to synchronise); use --optimizer sam"
+        )
+    if v["sam_m"] is not None and (not info.sharpness_aware or rho == 0):
+        raise ConfigError("--sam-m: m-sharpness needs --optimizer sam or esam with --sam-rho > 0")
+    v["gradient_clipping"] = v["gradient_clipping"] or None
+
+    if v["data_dir"] is not None and not Path(v["data_dir"]).expanduser().is_dir():
+        raise ConfigError(f"--data-dir {v['data_dir']}: no such directory")
+    if v["bootstrap_from"] is not None:
+        source = Path(v["bootstrap_from"]).expanduser()
+        if not source.is_dir():
+            raise ConfigError(f"--bootstrap-from {v['bootstrap_from']}: no such run directory")
+        if not (source / "config.json").is_file():
+            raise ConfigError(
+                f"--bootstrap-from {v['bootstrap_from']}: not a samkit run directory (no "
+                "config.json)"
+            )
+        if v["label_noise"] > 0:
+            raise ConfigError("--label-noise: cannot be combined with --bootstrap-from")
+
+    pretrained = v["from_pretrained_checkpoint"]
+    if pretrained is None:
+        pretrained = v["pretrained_checkpoint"] is not None
+    if pretrained:
+        if v["pretrained_checkpoint"] is None:
+            raise ConfigError(
+                "--from-pretrained-checkpoint: needs the checkpoint file, "
+                "--pretrained-checkpoint FILE (the seed's --efficientnet_checkpoint_path)"
+            )
+        if not Path(v["pretrained_checkpoint"]).expanduser().is_file():
+            raise ConfigError(f"--pretrained-checkpoint {v['pretrained_checkpoint']}: no such file")
+    elif v["pretrained_checkpoint"] is not None:
+        raise ConfigError(
+            "--pretrained-checkpoint: given together with --from-pretrained-checkpoint false"
+        )
+    v["from_pretrained_checkpoint"] = pretrained
+    v["pretrained_checkpoint"] = v["pretrained_checkpoint"] if pretrained else None
+    return TrainConfig(**v)
