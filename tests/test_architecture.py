@@ -113,6 +113,8 @@ LAYERS = {
     "samkit.train": {"samkit._version", "samkit.domains", "samkit.optim", "samkit.models",
                      "samkit.data", "samkit.rundir"},
     "samkit.analysis": {"samkit.rundir", "samkit.data", "samkit.models"},
+    "samkit.sweep": {"samkit.train", "samkit.rundir"},
+    "samkit.report": {"samkit._version", "samkit.rundir"},
 }  # fmt: skip
 
 

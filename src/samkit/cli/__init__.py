@@ -5,7 +5,8 @@ One module per command group, each adding its sub-commands to the parser built h
 * :mod:`samkit.cli.train`: ``train`` (flags derived from :class:`samkit.train.config.TrainConfig`)
   and ``evaluate``;
 * :mod:`samkit.cli.analysis`: ``hessian`` and ``sharpness``; :mod:`samkit.cli.landscape`:
-  ``landscape``; :mod:`samkit.cli.compare`: ``compare``.
+  ``landscape``; :mod:`samkit.cli.compare`: ``compare``; :mod:`samkit.cli.sweep`: ``sweep``;
+  :mod:`samkit.cli.report`: ``report``.
 
 Argument types, boolean flags and the one error style live in :mod:`samkit.cli.args`.
 """
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 
 from samkit._version import samkit_version
-from samkit.cli import analysis, compare, landscape
+from samkit.cli import analysis, compare, landscape, report, sweep
 from samkit.cli import train as train_commands
 from samkit.cli.args import PROG, Parser
 from samkit.train.distributed import exit_without_teardown
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_commands(sub)  # hessian, sharpness
     landscape.add_command(sub)
     compare.add_command(sub)
+    sweep.add_command(sub)
+    report.add_command(sub)
     return parser
 
 

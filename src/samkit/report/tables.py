@@ -1,0 +1,150 @@
+"""The report's tables, from the dict of :func:`samkit.report.build.build_report`.
+
+Each number is ``mean ± h`` with ``h`` the half-width of the Student-t confidence interval
+over the seeds (just ``mean`` for one seed); ``-`` where no completed run has the metric. ``n``
+is the number of completed runs, ``k/m`` when only k of the cell's m seeds completed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+__all__ = ["cells_table", "differences_table", "render_table", "report_markdown", "tables_text"]
+
+Format = Literal["markdown", "text"]
+
+#: Columns of the cells table: (metric, header, scale, format of one number).
+CELL_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
+    ("test_error", "test error (%)", 100.0, ".2f"),
+    ("best_test_error", "best test error (%)", 100.0, ".2f"),
+    ("train_loss", "train loss", 1.0, ".4g"),
+    ("images_per_sec", "images/s", 1.0, ".0f"),
+    ("wall_seconds", "wall time (s)", 1.0, ".1f"),
+    ("lambda_max", "lambda_max", 1.0, ".4g"),
+    ("lambda_max_over_lambda_5", "lambda_max/lambda_5", 1.0, ".4g"),
+)
+#: Columns shown only when some cell has the metric.
+OPTIONAL = ("lambda_max", "lambda_max_over_lambda_5")
+
+
+def render_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], fmt: Format = "markdown"
+) -> str:
+    """A GitHub Markdown table (first column left-aligned, the rest right-aligned) or, with
+    ``fmt="text"``, aligned plain columns. Ends with a newline."""
+    if fmt == "markdown":
+        esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
+        lines = ["| " + " | ".join(esc[0]) + " |", "|:---|" + "---:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    elif fmt == "text":
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def line(cells: Sequence[str]) -> str:
+            first = cells[0].ljust(widths[0])
+            rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+            return "  ".join([first, *rest]).rstrip()
+
+        lines = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    else:
+        raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(est: dict[str, Any] | None, scale: float, spec: str, sign: bool = False) -> str:
+    """``mean ± half_width`` (scaled), ``mean`` alone without a half-width, ``-`` for None."""
+    if est is None:
+        return "-"
+    mean = format(est["mean"] * scale, ("+" if sign else "") + spec)
+    if est.get("half_width") is None:
+        return mean
+    return f"{mean} ± {format(est['half_width'] * scale, spec)}"
+
+
+def cells_table(report: dict[str, Any], fmt: Format = "markdown") -> str:
+    """One row per cell: n, then each metric of :data:`CELL_COLUMNS` as ``mean ± h``."""
+    cells = report["cells"]
+    columns = [
+        c
+        for c in CELL_COLUMNS
+        if c[0] not in OPTIONAL or any(c[0] in cell["metrics"] for cell in cells)
+    ]
+    header = ["cell", "n", *(c[1] for c in columns)]
+    rows = []
+    for cell in cells:
+        done, listed = len(cell["completed"]), len(cell["seeds"])
+        n = str(done) if done == listed else f"{done}/{listed}"
+        row = [cell["cell"], n]
+        for metric, _, scale, spec in columns:
+            entry = cell["metrics"].get(metric)
+            row.append(_pm(entry["estimate"] if entry else None, scale, spec))
+        rows.append(row)
+    return render_table(header, rows, fmt)
+
+
+def differences_table(report: dict[str, Any], fmt: Format = "markdown") -> str:
+    """One row per compared cell: its baseline cell, the seed pairs, the paired difference of
+    the test error (cell - baseline, percentage points) ``mean ± h``, its interval and p."""
+    header = ["cell", "baseline", "pairs", "Δ test error (pp)", "CI (pp)", "p"]
+    rows = []
+    for comp in report["differences"]:
+        d = comp["metrics"].get("test_error")
+        if d is None:
+            rows.append([comp["cell"], comp["baseline"] or "-", "0", "-", "-", "-"])
+            continue
+        ci = (
+            f"[{d['ci_low'] * 100:+.2f}, {d['ci_high'] * 100:+.2f}]"
+            if d["ci_low"] is not None
+            else "-"
+        )
+        p = format(d["p_value"], ".3g") if d["p_value"] is not None else "-"
+        rows.append(
+            [comp["cell"], comp["baseline"], str(d["n_pairs"]), _pm(d, 100.0, ".2f", True), ci, p]
+        )
+    return render_table(header, rows, fmt)
+
+
+def tables_text(report: dict[str, Any], fmt: Format = "markdown") -> str:
+    """The cells table and, with a baseline, the differences table (what ``samkit report``
+    prints)."""
+    conf = f"{report['confidence'] * 100:g}%"
+    text = cells_table(report, fmt)
+    text += f"\n(mean ± half-width of the {conf} t-interval over seeds)\n"
+    if report["baseline"] is not None:
+        text += f"\nPaired differences vs baseline {report['baseline']!r}:\n\n"
+        text += differences_table(report, fmt)
+    return text
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: a title, what was read, both tables, the missing runs and the plots."""
+    sweep, conf = report["sweep"], report["confidence"]
+    lines = [
+        f"# Sweep report: {sweep['name']}",
+        "",
+        f"Sweep directory `{sweep['dir']}`; {len(report['cells'])} cells. Each entry is the "
+        f"mean over the completed seeds ± the half-width of the {conf * 100:g}% Student-t "
+        "interval (mean alone for one seed); `n` counts completed runs (`k/m`: k of m seeds).",
+        "",
+        cells_table(report),
+    ]
+    if report["baseline"] is not None:
+        lines += [
+            f"## Paired differences vs baseline `{report['baseline']}`",
+            "",
+            "Test error of each cell minus its baseline cell's, seed by seed, in percentage "
+            "points; p: two-sided paired t-test.",
+            "",
+            differences_table(report),
+        ]
+    missing = [(c["cell"], m) for c in report["cells"] for m in c["missing"]]
+    if missing:
+        lines += ["## Missing runs (not averaged)", ""]
+        lines += [
+            f"- `{cell}` seed {m['seed']}: {m['status']} (`{m['run_dir']}`)" for cell, m in missing
+        ]
+        lines.append("")
+    names = report.get("files", {}).get("plots", [])
+    if names:
+        lines += ["## Plots", ""] + [f"![{n}]({n})" for n in names] + [""]
+    return "\n".join(lines)
