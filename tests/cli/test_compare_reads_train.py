@@ -33,3 +33,21 @@ def test_compare_reads_a_real_training_run(fmnist_dir, tmp_path, capsys):
         "test_error.png",
         "train_loss.png",
     ]
+
+
+@pytest.mark.parametrize(
+    "argv,label",
+    [
+        (["--optimizer", "gsam", "--gsam-alpha", "0.3"], "GSAM rho=0.05->0 alpha=0.3"),
+        (["--optimizer", "wsam", "--no-wsam-decouple"], "WSAM rho=0.05 gamma=0.9 coupled"),
+        (["--optimizer", "fsam", "--fsam-lambda", "0.6"], "F-SAM rho=0.05 sigma=1 lambda=0.6"),
+    ],
+)
+def test_the_sam_family_trains_from_the_command_line(fmnist_dir, tmp_path, capsys, argv, label):
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(fmnist_dir), "--run-dir", str(run), "--epochs", "1",
+                 "--batch-size", "16", "--model-name", "resnet_tiny", "--threads", "1",
+                 "--no-tensorboard", "--no-progress", *argv]) == 0  # fmt: skip
+    summary = read_summary(run)
+    assert summary["optimizer"] == label and summary["skipped_steps"] == 0
+    assert label in capsys.readouterr().out

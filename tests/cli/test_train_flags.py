@@ -97,7 +97,9 @@ def test_optimizer_options_come_from_the_registry():
         if option.flag != "run_seed":  # the run's seed, shared with everything else
             assert field.setting.help == option.help
             assert field.setting.domain == option.domain
-    assert train_parser()._option_string_actions["--optimizer"].choices == ("sgd", "sam", "esam")
+    assert train_parser()._option_string_actions["--optimizer"].choices == (
+        "sgd", "sam", "esam", "gsam", "wsam", "fsam",
+    )  # fmt: skip
 
 
 def test_seed_defaults_and_resume_ignored_are_derived():

@@ -78,6 +78,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self.skipped_steps = 0
         self.last_grad_norm: Tensor | None = None
         self._backup: dict[Tensor, Tensor] = {}
+        self._clean: dict[
+            Tensor, Tensor
+        ] = {}  # first-pass gradients, for the variants that keep them
+        self._clean_params: set[Tensor] = set()
         self._perturbed: list[tuple[dict[str, Any], list[Tensor]]] = []
         self._failed_pass: str | None = None
 
@@ -121,6 +125,51 @@ class SharpnessAwareOptimizer(Optimizer):
             F.copy_(shards, [self._backup[p] for p in params], foreach=self._foreach(shards))
         self._perturbed = []
 
+    # -- hooks of the SAM family (see samkit.optim.sam): each variant overrides one or two ------
+
+    #: Variants that combine the clean and the perturbed gradient keep the clean one.
+    stores_clean_gradient = False
+    #: Variants with state from a step's first pass (a clean gradient, a moving average) take
+    #: one first pass per step: no m-sharpness chunks, no accumulated micro-batches.
+    one_first_pass_per_step = False
+
+    def _group_rho(self, group: dict[str, Any]) -> float:
+        """rho of a param group for this step (GSAM schedules it with the learning rate)."""
+        return group["rho"]
+
+    def _ascent_gradients(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """The gradients the first ascent step follows (Friendly-SAM removes a component)."""
+        return grads
+
+    def _combine_gradients(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Turn the second-pass gradients ``grads`` (local shards, in place) into the update's
+        gradient, before clipping and the base step. SAM uses them as they are."""
+
+    def _after_step(self, took: bool) -> None:
+        """Called at the end of :meth:`second_step` (``took``: the base step ran)."""
+
+    def _store_clean_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Keep a copy of the first-pass (clean) gradients, for variants that combine them with
+        the perturbed ones (:meth:`_clean_grads`)."""
+        for p, g in zip(params, grads):
+            if p not in self._clean or self._clean[p].shape != g.shape:
+                self._clean[p] = torch.empty_like(g, memory_format=torch.preserve_format)
+        F.copy_([self._clean[p] for p in params], grads, foreach=self._foreach(grads))
+        self._clean_params = set(params)
+
+    def _clean_grads(self, params: list[Tensor]) -> list[Tensor]:
+        """The stored clean gradient of each of ``params`` (zeros for one that had none)."""
+        return [
+            self._clean[p] if p in self._clean_params else torch.zeros_like(g)
+            for p, g in zip(params, (numerics.local(p.grad) for p in params))
+        ]
+
+    def _dot(self, a: list[Tensor], b: list[Tensor], params: list[Tensor]) -> float:
+        """``<a, b>`` over all parameters (and shards) as one vector; ``a[i]`` belongs to
+        ``params[i]``."""
+        key_of, devices = self._reduce_keys()
+        return numerics.global_dot(a, b, [key_of[p] for p in params], devices).item()
+
     def _local_grads(self) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters that have a gradient, and this rank's shard of each gradient."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -131,12 +180,16 @@ class SharpnessAwareOptimizer(Optimizer):
         params, grads = self._local_grads()
         return self._global_norm(grads, params, self._foreach(grads))
 
-    def _global_norm(self, tensors: list[Tensor], params: list[Tensor], foreach: bool) -> Tensor:
-        """L2 norm of ``tensors`` (local, one per ``params[i]``), over all shards when sharded."""
-        if self._keys is None:  # which process groups each parameter's norm is summed over
+    def _reduce_keys(self) -> tuple[dict[Tensor, Any], dict[Any, torch.device]]:
+        """Which process groups each parameter's norm (or dot product) is summed over."""
+        if self._keys is None:
             params_all = [p for g in self.param_groups for p in g["params"]]
             self._keys = numerics.reduce_keys(params_all, self.shard_group)
-        key_of, devices = self._keys
+        return self._keys
+
+    def _global_norm(self, tensors: list[Tensor], params: list[Tensor], foreach: bool) -> Tensor:
+        """L2 norm of ``tensors`` (local, one per ``params[i]``), over all shards when sharded."""
+        key_of, devices = self._reduce_keys()
         keys = [key_of[p] for p in params]
         return numerics.global_norm(tensors, keys, devices, foreach=foreach)
 
@@ -150,6 +203,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """
         self.unperturb()
         params, grads = self._local_grads()
+        if self._failed_pass is None:
+            self._combine_gradients(params, grads)
         foreach = self._foreach(grads)
         grad_norm = self._global_norm(grads, params, foreach)
         self.last_grad_norm = grad_norm
@@ -169,6 +224,7 @@ class SharpnessAwareOptimizer(Optimizer):
             self._opt_called = True  # tells an LR scheduler attached to this object a step ran
         else:
             self.skipped_steps += 1
+        self._after_step(took)
         if zero_grad:
             self.zero_grad()
         return took

@@ -48,6 +48,7 @@ __all__ = [
     "ReduceKey",
     "clip_coefficient",
     "clip_grads_",
+    "global_dot",
     "global_norm",
     "guarded_step",
     "is_dtensor",
@@ -131,6 +132,28 @@ def global_norm(
         default=torch.float32,
     )
     return total.sqrt().to(dtype)
+
+
+def global_dot(
+    a: list[Tensor],
+    b: list[Tensor],
+    keys: list[ReduceKey],
+    all_keys: dict[ReduceKey, torch.device],
+) -> Tensor:
+    """``<a, b>`` of two lists of local tensors seen as one vector each, summed over every shard
+    (the reduction of :func:`global_norm`), in float64 on the first key's device."""
+    by_key: dict[ReduceKey, list[Tensor]] = {key: [] for key in all_keys}
+    for x, y, key in zip(a, b, keys):
+        by_key[key].append((x.double() * y.double()).sum())
+    total = None
+    for key, parts in by_key.items():
+        device = all_keys[key]
+        local = torch.stack(parts).sum().to(device) if parts else torch.zeros((), device=device)
+        local = local.to(torch.float64)
+        for process_group in key:
+            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
+        total = local if total is None else total + local.to(total.device)
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
 
 
 # -- finiteness, scaling, clipping ---------------------------------------------------------------

@@ -28,9 +28,12 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from samkit.domains import NON_NEGATIVE, UNIT_OPEN_CLOSED, Interval
+from samkit.domains import NON_NEGATIVE, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
 from samkit.optim.esam import ESAM, SDS_CRITERIA
+from samkit.optim.friendly_sam import FriendlySAM
+from samkit.optim.gsam import GSAM
 from samkit.optim.sam import SAM
+from samkit.optim.wsam import WSAM
 
 __all__ = [
     "BUILTIN_OPTIMIZERS",
@@ -168,6 +171,25 @@ def _esam_label(v: Mapping[str, Any]) -> str:
     return text + (" adaptive" if v["adaptive"] else "")
 
 
+def _gsam_label(v: Mapping[str, Any]) -> str:
+    return f"GSAM rho={v['rho']:g}->{v['rho_min']:g} alpha={v['alpha']:g}" + (
+        " adaptive" if v["adaptive"] else ""
+    )
+
+
+def _wsam_label(v: Mapping[str, Any]) -> str:
+    form = "decoupled" if v["decouple"] else "coupled"
+    return f"WSAM rho={v['rho']:g} gamma={v['gamma']:g} {form}" + (
+        " adaptive" if v["adaptive"] else ""
+    )
+
+
+def _fsam_label(v: Mapping[str, Any]) -> str:
+    return f"F-SAM rho={v['rho']:g} sigma={v['sigma']:g} lambda={v['lmbda']:g}" + (
+        " adaptive" if v["adaptive"] else ""
+    )
+
+
 _RHO = OptimOption(
     name="rho",
     flag="sam_rho",
@@ -244,6 +266,88 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
         ),
         supports_sync_perturbations=False,
         label=_esam_label,
+    ),
+    OptimInfo(
+        name="gsam",
+        cls=GSAM,
+        description="GSAM: SAM's update minus alpha times the clean gradient's part orthogonal "
+        "to it; rho follows the learning rate (two passes)",
+        paper="Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training, "
+        "ICLR 2022",
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(
+                name="alpha",
+                flag="gsam_alpha",
+                default=0.2,
+                help="GSAM: weight of the ascent on the surrogate gap",
+                domain=NON_NEGATIVE,
+            ),
+            OptimOption(
+                name="rho_min",
+                flag="gsam_rho_min",
+                default=0.0,
+                help="GSAM: rho when the learning rate reaches 0 (rho_t goes from --sam-rho at the "
+                "peak learning rate to this, in proportion to the learning rate)",
+                domain=NON_NEGATIVE,
+            ),
+        ),
+        label=_gsam_label,
+    ),
+    OptimInfo(
+        name="wsam",
+        cls=WSAM,
+        description="WSAM: the sharpness weighted by gamma / (1 - gamma) as a regulariser, "
+        "decoupled from the base step (two passes)",
+        paper="Yue et al., Sharpness-Aware Minimization Revisited: Weighted Sharpness as a "
+        "Regularization Term, KDD 2023",
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(
+                name="gamma",
+                flag="wsam_gamma",
+                default=0.9,
+                help="WSAM: the sharpness term's weight is gamma / (1 - gamma)",
+                domain=UNIT_CLOSED_OPEN,
+            ),
+            OptimOption(
+                name="decouple",
+                flag="wsam_decouple",
+                default=True,
+                help="WSAM: apply the sharpness term outside the base optimizer (the paper's "
+                "default); false: inside it",
+                kind=bool,
+            ),
+        ),
+        label=_wsam_label,
+    ),
+    OptimInfo(
+        name="fsam",
+        cls=FriendlySAM,
+        description="Friendly-SAM: SAM perturbing along g minus sigma times a moving average "
+        "of the gradients (two passes)",
+        paper="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(
+                name="sigma",
+                flag="fsam_sigma",
+                default=1.0,
+                help="Friendly-SAM: how much of the gradients' moving average is removed",
+                domain=NON_NEGATIVE,
+            ),
+            OptimOption(
+                name="lmbda",
+                flag="fsam_lambda",
+                default=0.95,
+                help="Friendly-SAM: decay of the gradients' moving average",
+                domain=UNIT_CLOSED_OPEN,
+            ),
+        ),
+        label=_fsam_label,
     ),
 )
 

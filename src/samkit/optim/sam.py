@@ -12,7 +12,7 @@ SAM minimises ``max_{||e||_p <= rho} L(w + e)``. One step, with base optimizer `
 With ``ascent_steps = k > 1`` the inner maximisation is k steps of projected gradient ascent on the
 rho-ball (paper App. C.6). In the scaled coordinates ``y = e / (rho T)`` the ball is the unit ball:
 ``y <- Proj(y + dir(T g))`` with ``dir`` the normalised (p = 2) or sign (p = inf) ascent direction;
-the first step from ``y = 0`` is the ordinary SAM step above.
+the first step from ``y = 0`` is the ordinary SAM step above. (Variants: ``_base``'s hooks.)
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ class SAM(SharpnessAwareOptimizer):
         self._perturbed = [
             (g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups
         ]
+        if self.stores_clean_gradient:  # GSAM, WSAM: the update combines g with grad L(w + e)
+            self._store_clean_grads(*self._local_grads())
         ok = self._ascend(first=True, rho_factor=self._rho_factor())
         if zero_grad:
             self.zero_grad()
@@ -124,6 +126,8 @@ class SAM(SharpnessAwareOptimizer):
                 local(p.grad) if p.grad is not None else torch.zeros_like(s)
                 for p, s in zip(params, shards)
             ]
+            if first:
+                grads = self._ascent_gradients(params, grads)
             t = F.abs_plus(clean, group["adaptive_eta"], foreach=fe) if group["adaptive"] else None
             scalings.append(t)
             directions.append(grads if t is None else F.mul(t, grads, foreach=fe))
@@ -159,7 +163,7 @@ class SAM(SharpnessAwareOptimizer):
             all_shards = [t for ts in shard_groups for t in ts]
             F.copy_(all_shards, [self._backup[p] for p in all_params], foreach=fe)
         for (group, _), shards, t, us in zip(groups, shard_groups, scalings, base):
-            rho = group["rho"] * rho_factor * coef
+            rho = self._group_rho(group) * rho_factor * coef
             if t is None:
                 F.add_(shards, us, alpha=rho, foreach=fe)
             else:  # e = rho T y: for p = 2 that is rho T^2 g / ||T g||

@@ -9,6 +9,7 @@ a spec's values, so a spec is checked exactly as ``samkit train`` would check it
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,22 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
         )
     if v["sam_m"] is not None and (not info.sharpness_aware or rho == 0):
         raise ConfigError("--sam-m: m-sharpness needs --optimizer sam or esam with --sam-rho > 0")
+    if v["sam_m"] is not None and getattr(info.cls, "one_first_pass_per_step", False):
+        raise ConfigError(
+            f"--sam-m: m-sharpness is not supported with --optimizer {info.name} (it keeps state "
+            "from each step's single first pass)"
+        )
+    if (
+        getattr(info.cls, "stores_clean_gradient", False)
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and not v["sync_perturbations"]
+    ):
+        raise ConfigError(
+            f"--optimizer {info.name}: under torchrun it needs --sync-perturbations (it combines "
+            "the first-pass gradient with the all-reduced second-pass one)"
+        )
+    if info.name == "gsam" and v["gsam_rho_min"] > rho:
+        raise ConfigError(f"--gsam-rho-min {v['gsam_rho_min']:g}: larger than --sam-rho {rho:g}")
     v["gradient_clipping"] = v["gradient_clipping"] or None
 
     if v["data_dir"] is not None and not Path(v["data_dir"]).expanduser().is_dir():

@@ -197,6 +197,12 @@ class TrainConfig:
     esam_beta: float = _optimizer_option("esam", "beta", OPTIMISATION, metavar="BETA")
     esam_gamma: float = _optimizer_option("esam", "gamma", OPTIMISATION, metavar="GAMMA")
     esam_criterion: str = _optimizer_option("esam", "sds_criterion", OPTIMISATION)
+    gsam_alpha: float = _optimizer_option("gsam", "alpha", OPTIMISATION, metavar="ALPHA")
+    gsam_rho_min: float = _optimizer_option("gsam", "rho_min", OPTIMISATION, metavar="RHO")
+    wsam_gamma: float = _optimizer_option("wsam", "gamma", OPTIMISATION, metavar="GAMMA")
+    wsam_decouple: bool = _optimizer_option("wsam", "decouple", OPTIMISATION)
+    fsam_sigma: float = _optimizer_option("fsam", "sigma", OPTIMISATION, metavar="SIGMA")
+    fsam_lambda: float = _optimizer_option("fsam", "lmbda", OPTIMISATION, metavar="LAMBDA")
     amp: str = _setting(
         "none",
         "mixed precision (fp16 with a gradient scaler)",

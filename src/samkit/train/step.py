@@ -113,6 +113,26 @@ class SharpnessAwareStep:
                 "sync_perturbations is not supported with ESAM: its weight masks leave parameters "
                 "without first-pass gradients, which a synchronised DDP backward cannot reduce"
             )
+        if getattr(optimizer, "one_first_pass_per_step", False) and (
+            m is not None or accumulation_steps > 1
+        ):
+            raise ValueError(
+                f"{type(optimizer).__name__} keeps state from each step's first pass, so a step "
+                "takes one first pass: m-sharpness (m) and accumulation_steps > 1 are not "
+                "supported with it"
+            )
+        if (
+            getattr(optimizer, "stores_clean_gradient", False)
+            and not sync_perturbations
+            and dist.is_available()
+            and dist.is_initialized()
+            and hasattr(model, "no_sync")
+        ):
+            raise ValueError(
+                f"{type(optimizer).__name__} under DDP needs sync_perturbations=True: it combines "
+                "the first-pass gradient with the (all-reduced) second-pass one, and a replica's "
+                "own first-pass gradient would make the replicas' updates differ"
+            )
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}")
         if bn_stats not in BN_STATS:
