@@ -110,3 +110,23 @@ def test_command_line_sweep_and_dry_run(tmp_path, capsys):
     assert not out.exists()  # a dry run writes nothing
     assert main(["sweep", "--set", "num_epochs=two"]) == 2
     assert "num_epochs=two: not a valid value of num_epochs" in capsys.readouterr().err
+
+
+def test_a_finished_cell_is_recognised_even_from_before_a_setting_existed(tmp_path):
+    from samkit.rundir import write_json
+    from samkit.sweep import is_finished
+    from samkit.sweep.spec import check_cell
+    from samkit.train.build import resolve_paths
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"seeds": [0], "base": {"num_epochs": 2}}))
+    (cell,) = load_spec(path).cells()
+    config = resolve_paths(check_cell(cell, "test")).to_dict()
+    run = tmp_path / cell.run_dir
+    run.mkdir(parents=True)
+    assert not is_finished(tmp_path, cell)  # no summary yet
+    del config["gsam_alpha"]  # written by a samkit without that setting: its default applied
+    write_json(run / "summary.json", {"status": "completed", "config": config})
+    assert is_finished(tmp_path, cell)
+    write_json(run / "summary.json", {"status": "completed", "config": {**config, "num_epochs": 3}})
+    assert not is_finished(tmp_path, cell)  # other settings: not this cell's run

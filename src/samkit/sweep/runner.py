@@ -27,7 +27,7 @@ from samkit.rundir import layout as keys
 from samkit.rundir import read_summary, write_json
 from samkit.sweep.spec import Cell, SweepSpec, check_cell, train_argv
 from samkit.train.build import resolve_paths
-from samkit.train.config import RESUME_IGNORED
+from samkit.train.config import RESUME_IGNORED, TrainConfig
 
 __all__ = [
     "LOG_DIR",
@@ -75,7 +75,8 @@ def is_finished(sweep_dir: Path, cell: Cell) -> bool:
         return False
     want = resolve_paths(check_cell(cell, "sweep")).to_dict()
     have = summary.get("config", {})
-    return all(have.get(k) == v for k, v in want.items() if k not in RESUME_IGNORED)
+    defaults = TrainConfig().to_dict()  # a run from before a setting existed had its default
+    return all(have.get(k, defaults[k]) == v for k, v in want.items() if k not in RESUME_IGNORED)
 
 
 def cell_command(
