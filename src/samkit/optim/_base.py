@@ -64,6 +64,9 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        # LR schedulers read the hyper-parameters here (OneCycleLR, CyclicLR look for momentum /
+        # betas): the base optimizer's, plus ours.
+        self.defaults = {**self.base_optimizer.defaults, **self.defaults}
         self.foreach = foreach
         if shard_group not in (None, False) and any(
             numerics.is_dtensor(p) for g in self.param_groups for p in g["params"]
@@ -84,6 +87,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._clean_params: set[Tensor] = set()
         self._perturbed: list[tuple[dict[str, Any], list[Tensor]]] = []
         self._failed_pass: str | None = None
+        self._awaiting_second_step = False  # first_step ran, second_step not yet
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):  # during __init__
@@ -202,6 +206,7 @@ class SharpnessAwareOptimizer(Optimizer):
         (see ``samkit.optim.numerics.guarded_step``).
         """
         self.unperturb()
+        self._awaiting_second_step = False
         params, grads = self._local_grads()
         if self._failed_pass is None:
             self._combine_gradients(params, grads)

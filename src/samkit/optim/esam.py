@@ -151,9 +151,12 @@ class ESAM(SAM):
                 perturbed = perturbed_losses()
         return self.sds_select(clean_losses, perturbed)
 
-    def step(self, closure: Callable[[Tensor | None], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[Tensor | None], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One ESAM step; returns the mean first-pass loss over the whole batch."""
         if closure is None:
+            if self._awaiting_second_step:  # after first_step(), as GradScaler / Accelerate call it
+                self.second_step()
+                return None
             raise RuntimeError(
                 "ESAM.step() needs a closure(index=None) that returns the per-sample losses "
                 "(reduction='none') of the batch, or of batch[index] when index is given, without "

@@ -87,7 +87,7 @@ class SAM(SharpnessAwareOptimizer):
     def first_step(self, zero_grad: bool = False) -> bool:
         """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite."""
         self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
-        self._failed_pass = None
+        self._failed_pass, self._awaiting_second_step = None, True
         self._perturbed = [
             (g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups
         ]
@@ -171,12 +171,13 @@ class SAM(SharpnessAwareOptimizer):
         self._ascent_y = base if self.ascent_steps > 1 else []
         return True
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
-        """Both passes. ``closure`` zeroes the grads, runs forward and backward, returns the loss.
-
-        Returns the first-pass loss.
-        """
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Both passes (``closure`` zeroes the grads, runs forward + backward, returns the loss);
+        without a closure after ``first_step()`` (GradScaler, Accelerate): ``second_step()``."""
         if closure is None:
+            if self._awaiting_second_step:
+                self.second_step()
+                return None
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs the "
                 "forward and backward pass and returns the loss, e.g. opt.step(closure); or call "
