@@ -197,3 +197,32 @@ def test_guarded_step_without_a_pass_name_and_with_an_agreement_hook():
         step, grads, norm64(grads).item(), agree=lambda ok: ok, owner="SGD", skipped_before=1
     )
     assert took is True and step.calls == 1
+
+
+def test_a_finite_gradient_beyond_float32s_norm_range_is_taken_not_skipped():
+    # ||g|| = 2e20 * sqrt(2) overflows float32's sum of squares (max ~3.4e38), not the gradient.
+    import warnings
+
+    from torch import nn
+
+    from samkit.optim import SAM
+    from samkit.train import SharpnessAwareStep
+
+    w = nn.Parameter(torch.zeros(2))
+    opt = SAM([w], torch.optim.SGD, rho=0.05, lr=1e-21)
+    w.grad = torch.full((2,), 2e20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-finite gradient; step skipped"
+        assert opt.first_step(zero_grad=True)
+        w.grad = torch.full((2,), 2e20)
+        assert opt.second_step(max_grad_norm=1.0)
+    assert opt.skipped_steps == 0 and torch.isfinite(w).all()
+    # clipped to norm 1 by the coefficient 1 / (||g|| + 1e-6): w = -lr * g / ||g||
+    torch.testing.assert_close(w.detach(), torch.full((2,), -1e-21 / 2**0.5))
+    # the plain path of the step helper too
+    model = nn.Linear(1, 1, bias=False)
+    step = SharpnessAwareStep(
+        model, torch.optim.SGD(model.parameters(), lr=1e-22), lambda o, t: o.sum()
+    )
+    assert step(torch.full((4, 1), 1e20), torch.zeros(4)).took_step
+    assert torch.isfinite(model.weight).all()

@@ -191,11 +191,25 @@ class SharpnessAwareOptimizer(Optimizer):
             self._keys = numerics.reduce_keys(params_all, self.shard_group)
         return self._keys
 
-    def _global_norm(self, tensors: list[Tensor], params: list[Tensor], foreach: bool) -> Tensor:
+    def _norm_value(
+        self, tensors: list[Tensor], params: list[Tensor], foreach: bool
+    ) -> tuple[Tensor, float]:
+        """The global norm and its value (recomputed in float64 if float32 overflows)."""
+        return numerics.norm_value(
+            lambda dtype: self._global_norm(tensors, params, foreach, dtype=dtype)
+        )
+
+    def _global_norm(
+        self,
+        tensors: list[Tensor],
+        params: list[Tensor],
+        foreach: bool,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
         """L2 norm of ``tensors`` (local, one per ``params[i]``), over all shards when sharded."""
         key_of, devices = self._reduce_keys()
         keys = [key_of[p] for p in params]
-        return numerics.global_norm(tensors, keys, devices, foreach=foreach)
+        return numerics.global_norm(tensors, keys, devices, foreach=foreach, dtype=dtype)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, max_grad_norm: float | None = None) -> bool:
@@ -211,13 +225,13 @@ class SharpnessAwareOptimizer(Optimizer):
         if self._failed_pass is None:
             self._combine_gradients(params, grads)
         foreach = self._foreach(grads)
-        grad_norm = self._global_norm(grads, params, foreach)
+        grad_norm, norm_value = self._norm_value(grads, params, foreach)  # the one sync
         self.last_grad_norm = grad_norm
         failed_pass, self._failed_pass = self._failed_pass, None
         took = numerics.guarded_step(
             self.base_optimizer.step,
             grads,
-            grad_norm,
+            norm_value,
             max_grad_norm=max_grad_norm,
             failed_pass=failed_pass,
             this_pass="second",

@@ -11,13 +11,16 @@ import torch
 from torch import Tensor
 
 
-def global_norm(tensors: list[Tensor], *, foreach: bool) -> Tensor:
-    """The L2 norm of all ``tensors`` seen as one vector, in float32 at least (fp16/bf16 safe)."""
+def global_norm(
+    tensors: list[Tensor], *, foreach: bool, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The L2 norm of all ``tensors`` seen as one vector, computed in ``dtype`` at least (the
+    default float32 is fp16/bf16 safe; float64 for norms beyond float32's ~1.8e19)."""
     if not tensors:
-        return torch.zeros((), dtype=torch.float32)
+        return torch.zeros((), dtype=dtype)
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
-        by_dtype.setdefault(torch.promote_types(t.dtype, torch.float32), []).append(t)
+        by_dtype.setdefault(torch.promote_types(t.dtype, dtype), []).append(t)
     norms: list[Tensor] = []
     for dtype, group in by_dtype.items():
         if foreach:

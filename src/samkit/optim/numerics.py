@@ -54,6 +54,7 @@ __all__ = [
     "is_dtensor",
     "is_finite",
     "local",
+    "norm_value",
     "reduce_key",
     "reduce_keys",
     "scale_",
@@ -108,26 +109,29 @@ def global_norm(
     all_keys: dict[ReduceKey, torch.device],
     *,
     foreach: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """L2 norm of local ``tensors`` over every shard; ``keys[i]`` is ``tensors[i]``'s reduce key.
+    Computed in ``dtype`` at least (float64: see :func:`norm_value`).
 
     ``all_keys`` (key -> device for its collective) must be the same on every rank, in the same
     order: each sharded key is all-reduced even when this rank has no tensor of it, so no rank
     waits for a collective another rank skipped. The result is float32 at least.
     """
     if not any(all_keys):  # nothing sharded: the plain, collective-free norm
-        return F.global_norm(tensors, foreach=foreach)
+        return F.global_norm(tensors, foreach=foreach, dtype=dtype)
     by_key: dict[ReduceKey, list[Tensor]] = {key: [] for key in all_keys}
     for t, key in zip(tensors, keys):
         by_key[key].append(t)
     total = None
     for key, group in by_key.items():
-        squared = F.global_norm(group, foreach=foreach).to(all_keys[key], torch.float64).square()
+        squared = F.global_norm(group, foreach=foreach, dtype=dtype)
+        squared = squared.to(all_keys[key], torch.float64).square()
         for process_group in key:
             dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=process_group)
         total = squared if total is None else total + squared.to(total.device)
     dtype = max(
-        (torch.promote_types(t.dtype, torch.float32) for t in tensors),
+        (torch.promote_types(t.dtype, dtype) for t in tensors),
         key=lambda d: torch.finfo(d).bits,
         default=torch.float32,
     )
@@ -154,6 +158,18 @@ def global_dot(
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
         total = local if total is None else total + local.to(total.device)
     return total if total is not None else torch.zeros((), dtype=torch.float64)
+
+
+def norm_value(compute: Callable[[torch.dtype], Tensor]) -> tuple[Tensor, float]:
+    """``(norm, its value)`` from ``compute(dtype)``: in float32, and again in float64 only when
+    that overflows (a finite gradient of norm above ~1.8e19 is then not taken for a non-finite
+    one). One device sync in the normal case."""
+    norm = compute(torch.float32)
+    value = norm.item()
+    if math.isinf(value):
+        norm = compute(torch.float64)
+        value = norm.item()
+    return norm, value
 
 
 # -- finiteness, scaling, clipping ---------------------------------------------------------------

@@ -132,7 +132,7 @@ class SAM(SharpnessAwareOptimizer):
             scalings.append(t)
             directions.append(grads if t is None else F.mul(t, grads, foreach=fe))
         flat_directions = [u for us in directions for u in us]
-        grad_norm = self._global_norm(flat_directions, all_params, fe).item()  # the one sync
+        _, grad_norm = self._norm_value(flat_directions, all_params, fe)  # the one sync
         if not math.isfinite(grad_norm):
             self._failed_pass = self._failed_pass or ("first" if first else "ascent")
             if first:

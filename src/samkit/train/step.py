@@ -301,11 +301,14 @@ class SharpnessAwareStep:
         params = [p for p in self._params if p.grad is not None]
         grads = [numerics.local(p.grad) for p in params]
         key_of, devices = self._norm_keys
-        grad_norm = numerics.global_norm(grads, [key_of[p] for p in params], devices, foreach=True)
+        keys = [key_of[p] for p in params]
+        grad_norm, norm_value = numerics.norm_value(
+            lambda dtype: numerics.global_norm(grads, keys, devices, foreach=True, dtype=dtype)
+        )
         took = numerics.guarded_step(
             opt.step,
             grads,
-            grad_norm,
+            norm_value,
             max_grad_norm=self.max_grad_norm,
             agree=self._agree_finite if self._distributed() else None,
             owner=type(opt).__name__,
