@@ -3,6 +3,7 @@ weights, the guarded base step, and checkpoints. The ascent itself lives in ``sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -219,9 +220,17 @@ class SharpnessAwareOptimizer(Optimizer):
         warning and ``skipped_steps += 1``, when a non-finite gradient in any pass skipped the step
         (see ``samkit.optim.numerics.guarded_step``).
         """
+        if max_grad_norm is not None and not max_grad_norm > 0:  # nan, 0 and negatives
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if not self._awaiting_second_step:
+            raise RuntimeError(
+                f"{type(self).__name__}.second_step() without first_step(): call first_step() "
+                "after the first pass's backward (or use step(closure))"
+            )
         self.unperturb()
         self._awaiting_second_step = False
         params, grads = self._local_grads()
+        _refuse_sparse(params)
         if self._failed_pass is None:
             self._combine_gradients(params, grads)
         foreach = self._foreach(grads)
@@ -262,6 +271,31 @@ class SharpnessAwareOptimizer(Optimizer):
         self.state = self.base_optimizer.state
         self._keys = None
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+
+def check_sam_arguments(
+    rho: float, norm: float, adaptive_eta: float, eps: float, ascent_steps: int
+) -> None:
+    """ValueError naming the first of SAM's arguments out of its domain."""
+    if not (math.isfinite(rho) and rho >= 0.0):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    if float(norm) not in (2.0, math.inf):
+        raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
+    if not adaptive_eta >= 0.0:
+        raise ValueError(f"adaptive_eta must be >= 0, got {adaptive_eta!r}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
+        raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
+
+
+def _refuse_sparse(params: list[Tensor]) -> None:
+    for i, p in enumerate(params):
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError(
+                f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient: sharpness-aware "
+                "optimizers need dense gradients (e.g. nn.Embedding(..., sparse=False))"
+            )
 
 
 def _as_groups(params: ParamsT) -> list[dict[str, Any]]:

@@ -26,7 +26,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim import _functional as F
-from samkit.optim._base import ParamsT, SharpnessAwareOptimizer
+from samkit.optim._base import (
+    ParamsT,
+    SharpnessAwareOptimizer,
+    _refuse_sparse,
+    check_sam_arguments,
+)
 from samkit.optim.numerics import local
 
 
@@ -68,16 +73,7 @@ class SAM(SharpnessAwareOptimizer):
         shard_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
-        if not (math.isfinite(rho) and rho >= 0.0):
-            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-        if float(norm) not in (2.0, math.inf):
-            raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
-        if not adaptive_eta >= 0.0:
-            raise ValueError(f"adaptive_eta must be >= 0, got {adaptive_eta!r}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
-        if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
-            raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
+        check_sam_arguments(rho, norm, adaptive_eta, eps, ascent_steps)
         self.norm, self.eps, self.ascent_steps = float(norm), eps, ascent_steps
         defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta)
         super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group)
@@ -91,6 +87,7 @@ class SAM(SharpnessAwareOptimizer):
         self._perturbed = [
             (g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups
         ]
+        _refuse_sparse([p for _, ps in self._perturbed for p in ps])
         if self.stores_clean_gradient:  # GSAM, WSAM: the update combines g with grad L(w + e)
             self._store_clean_grads(*self._local_grads())
         ok = self._ascend(first=True, rho_factor=self._rho_factor())

@@ -97,6 +97,12 @@ class SharpnessAwareStep:
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        own = {id(p) for p in model.parameters()}
+        if not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError(
+                "the optimizer holds none of the model's parameters (built for another model?): "
+                "the step would train nothing"
+            )
         fsdp = _fsdp_group(model, optimizer)
         if fsdp is not None:
             if sync_perturbations is False:
