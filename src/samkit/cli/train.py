@@ -26,7 +26,7 @@ from samkit.cli.args import (
 )
 from samkit.data import DataFormatError, DataNotFoundError
 from samkit.domains import POSITIVE
-from samkit.rundir import CheckpointError
+from samkit.rundir import CheckpointError, RunDirBusy
 from samkit.train.checks import config_from_values
 from samkit.train.config import SEED_DEFAULTS, SettingField, TrainConfig, settings
 from samkit.train.errors import ConfigError, TrainingDivergedError, TrainingInterrupted
@@ -160,7 +160,7 @@ def run_train(args: argparse.Namespace, hooks: TrainHooks | None = None) -> int:
         return 2 if repeats_local_rank_zero() else fail("train", exc)
     try:
         train(cfg, hooks=hooks)
-    except (DataNotFoundError, DataFormatError, ConfigError) as exc:
+    except (DataNotFoundError, DataFormatError, ConfigError, RunDirBusy) as exc:
         return fail("train", exc)
     except CheckpointError as exc:
         return fail("train", f"{exc} (use --no-resume to start over)")

@@ -29,6 +29,7 @@ from samkit.rundir.layout import (
     write_json,
     write_jsonl,
 )
+from samkit.rundir.lock import LOCK_FILE, RunDirBusy, RunDirLock
 from samkit.rundir.model import LoadedRun, load_run_model
 
 __all__ = [
@@ -40,7 +41,10 @@ __all__ = [
     "METRICS_FILE",
     "SUMMARY_FILE",
     "CheckpointError",
+    "LOCK_FILE",
     "LoadedRun",
+    "RunDirBusy",
+    "RunDirLock",
     "RunDirError",
     "append_jsonl",
     "find_runs",

@@ -120,6 +120,15 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
         )
     if v["sam_m"] is not None and (not info.sharpness_aware or rho == 0):
         raise ConfigError("--sam-m: m-sharpness needs --optimizer sam or esam with --sam-rho > 0")
+    if v["sam_m"] is not None:
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        share = v["batch_size"] // world
+        where = f"each process's share of the batch ({share})" if world > 1 else "--batch-size"
+        if v["sam_m"] > share or share % v["sam_m"]:
+            raise ConfigError(
+                f"--sam-m {v['sam_m']}: must divide {where} {'' if world > 1 else share} into "
+                "equal chunks".replace("  ", " ")
+            )
     if v["sam_m"] is not None and getattr(info.cls, "one_first_pass_per_step", False):
         raise ConfigError(
             f"--sam-m: m-sharpness is not supported with --optimizer {info.name} (it keeps state "

@@ -18,6 +18,7 @@ generators, see :mod:`samkit.data.loader`), label noise and ESAM's weight masks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -35,6 +36,7 @@ from samkit.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
+    RunDirLock,
     append_jsonl,
     write_json,
     write_jsonl,
@@ -52,6 +54,7 @@ from samkit.train.run import (
     check_same_settings,
     discard_checkpoints,
     interrupted,
+    refuse_foreign_directory,
     resume,
     save,
 )
@@ -99,7 +102,12 @@ def train(
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             created = distributed.init_process_group(dist, device, cfg.dist_timeout)
-        summary = _train(build.resolve_paths(cfg), device, dist, log, hooks or TrainHooks())
+        cfg = build.resolve_paths(cfg)
+        run_dir = build.run_dir_for(cfg)
+        refuse_foreign_directory(run_dir)
+        # One writer per run directory (under torchrun rank 0 writes; the lock is its).
+        with RunDirLock(run_dir) if dist is None or dist.is_main else contextlib.nullcontext():
+            summary = _train(cfg, device, dist, log, hooks or TrainHooks())
         succeeded = True
         return summary
     finally:
@@ -323,6 +331,11 @@ def end_epoch(run: Run, state: RunState) -> None:
 
 def finish(run: Run, state: RunState, status: str) -> dict[str, Any]:
     """The final evaluation (of a partial epoch left by --max-steps, if any) and summary.json."""
+    if state.global_step > 0 and state.images_trained == 0:
+        raise TrainingDivergedError(
+            f"every one of the {state.global_step} steps was skipped (non-finite loss or "
+            "gradients): nothing was trained; try a smaller --learning-rate or --sam-rho"
+        )
     partial = None
     if status == keys.MAX_STEPS and state.stats.seen:
         # Stopped mid-epoch: report what that partial epoch did (not kept for a resume).

@@ -14,6 +14,7 @@ import torch
 from samkit.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    LOCK_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
     CheckpointError,
@@ -36,6 +37,7 @@ __all__ = [
     "Run",
     "check_same_settings",
     "discard_checkpoints",
+    "refuse_foreign_directory",
     "interrupted",
     "resume",
     "save",
@@ -158,6 +160,21 @@ def discard_checkpoints(run: Run) -> None:
         for path in (run.run_dir / METRICS_FILE, run.run_dir / SUMMARY_FILE):
             path.unlink(missing_ok=True)
         run.log(f"--no-resume: discarded {len(existing)} checkpoint(s) in {directory}")
+
+
+def refuse_foreign_directory(run_dir: Path) -> None:
+    """A directory that holds files but is not a samkit run (no config.json) is never written
+    into: its files could be overwritten (a run writes config.json before anything else but its
+    lock file)."""
+    if not run_dir.is_dir() or (run_dir / CONFIG_FILE).is_file():
+        return
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    if others:
+        raise ConfigError(
+            f"{run_dir}: holds files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+            " but is not a samkit run directory (no config.json); refusing to write into it: "
+            "choose another --run-dir / --output-dir"
+        )
 
 
 def check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
