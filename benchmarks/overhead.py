@@ -35,6 +35,9 @@ weight decay, base optimizer ``torch.optim.SGD`` with its defaults):
   stats from the first pass only, RNG replay): what a training loop actually pays.
 * ``esam_sharpness`` / ``esam_loss``: ``ESAM(beta=0.5, gamma=0.5).step(closure)`` with per-sample
   losses and ``sds_criterion="sharpness"`` (extra no-grad forward at w + e) / ``"loss"`` (none).
+* ``gsam`` / ``wsam`` / ``fsam``: the SAM family's two-pass variants from the optimizer registry
+  with its defaults, raw API as ``sam`` (their extra work: keeping the clean gradient and the
+  combination, or the gradients' moving average).
 
 Timing: every variant first runs ``warmup`` untimed steps; then rounds, each visiting all
 variants in a rotated order (round r starts at variant r) and, for each, running ``round_warmup``
@@ -107,7 +110,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from samkit.optim import ESAM, SAM
+from samkit.optim import ESAM, SAM, create_optimizer
 from samkit.optim import _functional as SF
 from samkit.train.step import SharpnessAwareStep
 
@@ -125,6 +128,9 @@ VARIANTS: dict[str, str] = {
     "sam_helper": "SAM via SharpnessAwareStep",
     "esam_sharpness": 'ESAM.step, sds_criterion="sharpness"',
     "esam_loss": 'ESAM.step, sds_criterion="loss"',
+    "gsam": "GSAM raw first_step/second_step (registry defaults)",
+    "wsam": "WSAM raw first_step/second_step (decoupled)",
+    "fsam": "Friendly-SAM raw first_step/second_step",
 }
 
 # Per-model timing defaults: (repeats, steps_per_sample, round_warmup, warmup).
@@ -287,6 +293,16 @@ def make_variant(
 
         def step() -> None:
             opt.step(closure)
+
+    elif name in ("gsam", "wsam", "fsam"):  # the SAM family: the registry's defaults
+        opt = create_optimizer(name, params, torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+        objs["opt"] = opt
+
+        def step() -> None:
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
 
     else:
         raise ValueError(f"unknown variant {name!r}")

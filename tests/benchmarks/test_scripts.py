@@ -45,6 +45,9 @@ def test_overhead_quick_run_writes_every_variant_target_and_the_allocator_settin
             "sam_helper",
             "esam_sharpness",
             "esam_loss",
+            "gsam",
+            "wsam",
+            "fsam",
         }
         rounds = model["timing"]["rounds"]
         for v in variants.values():
