@@ -18,6 +18,7 @@ import torch
 from samkit.data.transforms import train_transform
 from samkit.models import is_model, list_model_families, list_models
 from samkit.optim import get_optimizer_info
+from samkit.rundir import CONFIG_FILE
 from samkit.train.config import SettingField, TrainConfig, settings
 from samkit.train.errors import ConfigError
 
@@ -153,7 +154,7 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
         source = Path(v["bootstrap_from"]).expanduser()
         if not source.is_dir():
             raise ConfigError(f"--bootstrap-from {v['bootstrap_from']}: no such run directory")
-        if not (source / "config.json").is_file():
+        if not (source / CONFIG_FILE).is_file():
             raise ConfigError(
                 f"--bootstrap-from {v['bootstrap_from']}: not a samkit run directory (no "
                 "config.json)"
