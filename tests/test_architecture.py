@@ -114,7 +114,7 @@ LAYERS = {
                      "samkit.data", "samkit.rundir"},
     "samkit.analysis": {"samkit.rundir", "samkit.data", "samkit.models"},
     "samkit.sweep": {"samkit.train", "samkit.rundir"},
-    "samkit.report": {"samkit._version", "samkit.rundir"},
+    "samkit.report": {"samkit._version", "samkit.rundir", "samkit.analysis"},
 }  # fmt: skip
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "load_run",
     "load_runs",
     "plot_run_curves",
+    "render_table",
     "run_row",
 ]
 
@@ -224,13 +225,24 @@ def comparison_table(
     for run in runs:
         row = run_row(run)
         rows.append([row["name"], *(_format(k, row[k]) for k in COLUMNS)])
+    return render_table(header, rows, fmt)
+
+
+def render_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    fmt: Literal["markdown", "text"] = "markdown",
+) -> str:
+    """A GitHub Markdown table (first column left-aligned, the rest right-aligned) or, with
+    ``fmt="text"``, aligned plain columns. Ends with a newline."""
     if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
+        lines = ["| " + " | ".join(esc[0]) + " |", "|:---|" + "---:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
     elif fmt == "text":
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
-        def line(cells: list[str]) -> str:
+        def line(cells: Sequence[str]) -> str:
             first = cells[0].ljust(widths[0])
             rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
             return "  ".join([first, *rest]).rstrip()

@@ -7,10 +7,11 @@ is the number of completed runs, ``k/m`` when only k of the cell's m seeds compl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
-__all__ = ["cells_table", "differences_table", "render_table", "report_markdown", "tables_text"]
+from samkit.analysis.compare import render_table
+
+__all__ = ["cells_table", "differences_table", "report_markdown", "tables_text"]
 
 Format = Literal["markdown", "text"]
 
@@ -26,29 +27,6 @@ CELL_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
 )
 #: Columns shown only when some cell has the metric.
 OPTIONAL = ("lambda_max", "lambda_max_over_lambda_5")
-
-
-def render_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], fmt: Format = "markdown"
-) -> str:
-    """A GitHub Markdown table (first column left-aligned, the rest right-aligned) or, with
-    ``fmt="text"``, aligned plain columns. Ends with a newline."""
-    if fmt == "markdown":
-        esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
-        lines = ["| " + " | ".join(esc[0]) + " |", "|:---|" + "---:|" * (len(header) - 1)]
-        lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
-    elif fmt == "text":
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-        def line(cells: Sequence[str]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
-            return "  ".join([first, *rest]).rstrip()
-
-        lines = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-    else:
-        raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}")
-    return "\n".join(lines) + "\n"
 
 
 def _pm(est: dict[str, Any] | None, scale: float, spec: str, sign: bool = False) -> str:
