@@ -153,6 +153,9 @@ def test_numeric_flags_and_report_x(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path / "b", entries, report={"x": ["dataset"]}))
     with pytest.raises(ValueError, match=rf"{SWEEP_FILE}: report.x names 'dataset'"):
         x_flags(sweep)
+    # a sweep run on part of its grid: rho takes one value here, nothing to plot against it
+    sweep = load_sweep(write_sweep(tmp_path / "c", entries, report={"x": ["rho", "sam_m"]}))
+    assert x_flags(sweep) == ["sam_m"]
 
 
 def test_sweep_errors_name_the_file(tmp_path):

@@ -396,9 +396,10 @@ def numeric_flags(sweep: Sweep) -> list[str]:
 
 
 def x_flags(sweep: Sweep) -> list[str]:
-    """The flags to plot the test error against: sweep.json's ``report.x`` if given (each must
-    be a numeric varying flag, else ``ValueError`` naming sweep.json), else
-    :func:`numeric_flags`."""
+    """The flags to plot the test error against: sweep.json's ``report.x`` if given, else
+    :func:`numeric_flags`. A ``report.x`` flag that is not a number in every cell is
+    ``ValueError`` naming sweep.json; one that takes a single value here (a sweep run on part of
+    its grid) is left out, as there is nothing to plot against it."""
     numeric = numeric_flags(sweep)
     chosen = sweep.report.get("x")
     if chosen is None:
@@ -407,10 +408,11 @@ def x_flags(sweep: Sweep) -> list[str]:
         chosen = [chosen]
     if not isinstance(chosen, list):
         raise ValueError(f"{sweep.manifest}: report.x must be a list of flag names")
-    bad = [x for x in chosen if x not in numeric]
-    if bad:
-        raise ValueError(
-            f"{sweep.manifest}: report.x names {bad[0]!r}, not a numeric varying flag "
-            f"(these are: {', '.join(numeric) or 'none'})"
-        )
-    return list(chosen)
+    for x in chosen:
+        values = [c.varying.get(x) for c in sweep.cells]
+        if x == VARIANT or not all(_number(v) is not None for v in values):
+            raise ValueError(
+                f"{sweep.manifest}: report.x names {x!r}, not a numeric varying flag "
+                f"(these are: {', '.join(numeric) or 'none'})"
+            )
+    return [x for x in chosen if x in numeric]
