@@ -26,7 +26,7 @@ def check_outputs(run_dir: Path, epochs: int = 1) -> dict:
     """The files every finished run has; returns its summary."""
     config = read_json(run_dir / "config.json")
     for key in ("model_name", "num_classes", "in_channels", "dataset", "model_kwargs"):
-        assert key in config  # the run-directory contract (samkit.train.run)
+        assert key in config  # what rebuilds the model (samkit.rundir.load_run_model)
     assert {"versions", "device_info"} <= config.keys()
     assert config["versions"]["torch"] == torch.__version__
     metrics = read_metrics(run_dir)
