@@ -145,7 +145,8 @@ def _train(
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     signals = StopSignals(distributed=dist is not None, device=device)
     run = Run(cfg, run_dir, device, dist, model, optimizer, step_fn, schedule, ema,
-              train_loader, eval_loader, log, hooks, signals, wall_start=wall_start)  # fmt: skip
+              train_loader, eval_loader, log, hooks, signals, wall_start=wall_start,
+              eval_copy=copy.deepcopy(model) if ema is not None else None)  # fmt: skip
 
     # Resume from the latest checkpoint, or start over
     state = RunState(device)
@@ -281,8 +282,8 @@ def evaluate(run: Run, state: RunState) -> dict[str, Any]:
         run.hooks.before_eval()
     t0 = time.perf_counter()
     model = run.model
-    if run.ema is not None:
-        model = copy.deepcopy(run.model)
+    if run.ema is not None:  # evaluated in a copy made once, the trained weights untouched
+        model = run.eval_copy
         model.load_state_dict(run.ema.state_dict())
     if run.dist is not None:
         # Rank 0's BatchNorm statistics (and EMA) are the checkpointed ones: evaluate those.

@@ -64,6 +64,7 @@ class Run:
     signals: StopSignals
     scalars: records.Scalars | None = None
     wall_start: float = 0.0
+    eval_copy: torch.nn.Module | None = None  # with EMA: the model that holds the averaged weights
     last_save: float = 0.0
 
     @property
