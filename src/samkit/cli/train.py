@@ -275,6 +275,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     except (DataNotFoundError, DataFormatError, CheckpointError, ValueError) as exc:
         return fail("evaluate", exc)
+    except TrainingDivergedError as exc:  # a run that diverged: no number to report
+        return fail("evaluate", exc, code=1)
     except OSError as exc:
         return fail("evaluate", _os_error(exc))
     text = json.dumps(result, indent=2)

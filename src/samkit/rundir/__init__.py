@@ -9,6 +9,7 @@ from samkit.rundir.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
+    set_aside,
 )
 from samkit.rundir.layout import (
     ANALYSIS_DIR,
@@ -58,6 +59,7 @@ __all__ = [
     "read_summary",
     "resolve_run",
     "save_checkpoint",
+    "set_aside",
     "write_json",
     "write_jsonl",
 ]

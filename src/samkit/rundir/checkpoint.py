@@ -15,12 +15,14 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 FORMAT = "samkit-checkpoint/1"
+BAD_SUFFIX = ".bad"
 _NAME = re.compile(r"ckpt-(\d{9})-([0-9a-f]{16})\.pt")
 
 
@@ -29,9 +31,14 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(
-    state: dict[str, Any], directory: str | os.PathLike, step: int, keep: int = 2
+    state: dict[str, Any],
+    directory: str | os.PathLike,
+    step: int,
+    keep: int = 2,
+    protect: Iterable[Path] = (),
 ) -> Path:
-    """Write ``state`` (plus the format tag) atomically; keep the newest ``keep`` checkpoints."""
+    """Write ``state`` (plus the format tag) atomically; keep the newest ``keep`` checkpoints and
+    those in ``protect`` (e.g. the last one known good), delete the older ones."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -45,8 +52,10 @@ def save_checkpoint(
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(directory)
+    protected = {Path(p).name for p in protect}
     for old in list_checkpoints(directory)[keep:]:
-        old.unlink(missing_ok=True)
+        if old.name not in protected:
+            old.unlink(missing_ok=True)
     for stale in directory.glob(".ckpt-*.tmp-*"):  # left by a crash mid-write
         if stale != tmp:
             stale.unlink(missing_ok=True)
@@ -104,6 +113,16 @@ def load_latest_checkpoint(
     if errors:
         raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(errors))
     return None
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename an unusable checkpoint to ``<name>.bad``: kept for inspection, but no longer listed,
+    loaded or counted when older checkpoints are rotated out."""
+    path = Path(path)
+    target = path.with_name(path.name + BAD_SUFFIX)
+    os.replace(path, target)
+    _fsync_dir(path.parent)
+    return target
 
 
 def _fsync_dir(directory: Path) -> None:

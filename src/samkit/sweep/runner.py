@@ -27,7 +27,7 @@ from samkit.rundir import layout as keys
 from samkit.rundir import read_summary, write_json
 from samkit.sweep.spec import Cell, SweepSpec, check_cell, train_argv
 from samkit.train.build import resolve_paths
-from samkit.train.config import RESUME_IGNORED, TrainConfig
+from samkit.train.config import settings_differences
 
 __all__ = [
     "LOG_DIR",
@@ -73,10 +73,8 @@ def is_finished(sweep_dir: Path, cell: Cell) -> bool:
     summary = read_summary(sweep_dir / cell.run_dir)
     if summary.get(keys.STATUS) not in FINISHED:
         return False
-    want = resolve_paths(check_cell(cell, "sweep")).to_dict()
     have = summary.get("config", {})
-    defaults = TrainConfig().to_dict()  # a run from before a setting existed had its default
-    return all(have.get(k, defaults[k]) == v for k, v in want.items() if k not in RESUME_IGNORED)
+    return not settings_differences(have, resolve_paths(check_cell(cell, "sweep")))
 
 
 def cell_command(

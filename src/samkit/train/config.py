@@ -25,6 +25,7 @@ from samkit.optim.registry import get_optimizer_info, list_optimizers
 
 __all__ = [
     "RESUME_IGNORED",
+    "settings_differences",
     "SEED_DEFAULTS",
     "Setting",
     "TrainConfig",
@@ -492,3 +493,15 @@ SEED_DEFAULTS: dict[str, Any] = _seed_defaults()
 
 #: Settings that may change when a run is resumed: they do not change what is trained.
 RESUME_IGNORED = frozenset(s.name for s in settings() if not s.setting.affects_training)
+
+
+def settings_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """How ``cfg`` differs from the settings ``saved`` with a run (its config.json, or the copy in
+    a checkpoint), in the settings that change what is trained: ``--sam-rho 0.05 -> 0.5``. A key
+    missing from ``saved`` (a run from before that setting existed) had its default."""
+    defaults = TrainConfig().to_dict()
+    return [
+        f"--{key.replace('_', '-')} {saved.get(key, defaults[key])!r} -> {value!r}"
+        for key, value in cfg.to_dict().items()
+        if key not in RESUME_IGNORED and saved.get(key, defaults[key]) != value
+    ]

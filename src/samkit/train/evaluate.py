@@ -9,6 +9,7 @@ finished run's last checkpoint reproduces the run's final test error.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from samkit.data import build_datasets, make_loader
 from samkit.rundir import CONFIG_FILE, load_run_model, read_config, resolve_run
 from samkit.train.build import HOLDOUT_SEED, eval_batch_size, memory_format_for
+from samkit.train.errors import TrainingDivergedError
 
 __all__ = ["evaluate_model", "evaluate_run"]
 
@@ -77,6 +79,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run directory's latest good checkpoint (or the checkpoint file ``path``).
 
+    Raises :class:`TrainingDivergedError` when the weights, or the loss, are not finite.
+
     ``weights``: ``"auto"`` uses the EMA weights when the run kept them (they are what the run
     evaluated), ``"ema"`` requires them, ``"model"`` uses the trained weights.
     """
@@ -119,10 +123,23 @@ def evaluate_run(
             top5 = bool(config.get("compute_top_5_error_rate", False))
         memory_format = memory_format_for(dev)
         model = loaded.model.to(device=dev, memory_format=memory_format)
+        values = [t for t in model.state_dict().values() if t.is_floating_point()]
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in values)
+        if bad:
+            raise TrainingDivergedError(
+                f"{loaded.checkpoint_path}: {bad:,} of the {sum(t.numel() for t in values):,} "
+                f"{'EMA ' if loaded.used_ema else ''}weights and buffers are not finite (the run "
+                "diverged); there is nothing to evaluate"
+            )
         loader = make_loader(
             eval_ds, batch_size, train=False, workers=int(config.get("workers", 0)), device=dev
         )
         result = evaluate_model(model, loader, memory_format, top5)
+        if not math.isfinite(result["loss"]):
+            raise TrainingDivergedError(
+                f"{loaded.checkpoint_path}: the evaluation loss is {result['loss']} although the "
+                "weights are finite (the model's outputs overflow)"
+            )
     finally:
         torch.set_num_threads(threads_before)
     state = loaded.state

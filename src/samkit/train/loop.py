@@ -53,10 +53,13 @@ from samkit.train.run import (
     Run,
     check_same_settings,
     discard_checkpoints,
+    divergence_message,
     interrupted,
     refuse_foreign_directory,
     resume,
     save,
+    set_aside_unusable,
+    step_done,
 )
 from samkit.train.schedule import CosineSchedule
 from samkit.train.signals import StopSignals
@@ -157,6 +160,7 @@ def _train(
     if dist is not None:  # every rank has read the checkpoint before rank 0 writes one
         torch.distributed.barrier()
     if run.is_main:
+        set_aside_unusable(run)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_FILE, config_record(run, data, sync_bn_layers))
         noise = getattr(data.train, "label_noise", None)
@@ -274,6 +278,7 @@ def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor) -> N
             run.ema.update(run.model)
         state.stats.add(n, loss_sum, wrong, out.grad_norm)
         state.images_trained += n
+    step_done(run, state, bool(out.took_step))
 
 
 def evaluate(run: Run, state: RunState) -> dict[str, Any]:
@@ -299,7 +304,7 @@ def evaluate(run: Run, state: RunState) -> dict[str, Any]:
     state.eval_seconds += time.perf_counter() - t0
     if not math.isfinite(result["loss"]):
         raise TrainingDivergedError(
-            f"training diverged: the test loss is {result['loss']}; try a smaller --learning-rate"
+            divergence_message(run, state, f"the evaluation loss is {result['loss']}")
         )
     return result
 
@@ -334,8 +339,12 @@ def finish(run: Run, state: RunState, status: str) -> dict[str, Any]:
     """The final evaluation (of a partial epoch left by --max-steps, if any) and summary.json."""
     if state.global_step > 0 and state.images_trained == 0:
         raise TrainingDivergedError(
-            f"every one of the {state.global_step} steps was skipped (non-finite loss or "
-            "gradients): nothing was trained; try a smaller --learning-rate or --sam-rho"
+            divergence_message(
+                run,
+                state,
+                f"every one of the {state.global_step} steps was skipped (non-finite loss or "
+                "gradients): nothing was trained",
+            )
         )
     partial = None
     if status == keys.MAX_STEPS and state.stats.seen:

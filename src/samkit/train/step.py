@@ -160,6 +160,10 @@ class SharpnessAwareStep:
         self._failed_pass: str | None = None  # a failure in any micro-batch fails the whole step
         # With SyncBatchNorm every training forward is a collective (see _agree_ok)
         self._sync_bn = any(isinstance(mod, nn.SyncBatchNorm) for mod in model.modules())
+        # A skipped step changes nothing: the BatchNorm buffers as they were before its first
+        # forward are put back (one non-finite input would otherwise poison running_var).
+        self._bn_buffers: list[Tensor] = []
+        self._bn_backup: list[Tensor] = []
 
     @property
     def skipped_steps(self) -> int:
@@ -168,7 +172,14 @@ class SharpnessAwareStep:
         return self.skipped_plain_steps
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> StepOutput:
-        batch = inputs.shape[0]
+        batch = inputs.shape[0] if inputs.ndim else 0
+        if batch == 0 or targets.ndim == 0 or targets.shape[0] != batch:
+            raise ValueError(
+                "a training step needs a non-empty batch with one target per input, got inputs of "
+                f"shape {tuple(inputs.shape)} and targets of shape {tuple(targets.shape)}"
+            )
+        if self._micro % self.accumulation_steps == 0:
+            self._save_bn_buffers()
         is_sam = isinstance(self.optimizer, SAM)
         size = self.m if (is_sam and self.m) else batch
         starts = range(0, batch, size)
@@ -188,6 +199,8 @@ class SharpnessAwareStep:
         if not last_micro:
             return StepOutput(loss, output, None, None)
         took_step, grad_norm = self._apply_sam() if is_sam else self._apply_plain()
+        if not took_step:
+            self._restore_bn_buffers()
         return StepOutput(loss, output, took_step, grad_norm)
 
     # -- the passes ---------------------------------------------------------------------------
@@ -361,7 +374,23 @@ class SharpnessAwareStep:
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and hasattr(self.model, "no_sync")
 
-    # -- gradients and RNG --------------------------------------------------------------------
+    # -- BatchNorm buffers, gradients and RNG ---------------------------------------------------
+
+    @torch.no_grad()
+    def _save_bn_buffers(self) -> None:
+        # looked up each step: the model may have been moved or converted since __init__
+        self._bn_buffers = buffers = _batchnorm_buffers(self.model)
+        if len(self._bn_backup) != len(buffers) or any(
+            b.shape != c.shape for b, c in zip(buffers, self._bn_backup)
+        ):
+            self._bn_backup = [torch.empty_like(b) for b in buffers]
+        for backup, buffer in zip(self._bn_backup, buffers):
+            backup.copy_(buffer)
+
+    @torch.no_grad()
+    def _restore_bn_buffers(self) -> None:
+        for backup, buffer in zip(self._bn_backup, self._bn_buffers):
+            buffer.copy_(backup)
 
     def _take_grads(self) -> list[Tensor | None]:
         grads = [p.grad for p in self._params]
@@ -427,6 +456,16 @@ def _fsdp_group(model: nn.Module, optimizer: Optimizer) -> Any:
 
 def _mean(losses: Tensor) -> Tensor:
     return losses.mean() if losses.ndim else losses
+
+
+def _batchnorm_buffers(model: nn.Module) -> list[Tensor]:
+    """The running statistics (mean, var, count) of every BatchNorm layer that tracks them."""
+    return [
+        buffer
+        for bn in _batchnorms(model)
+        for buffer in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        if buffer is not None
+    ]
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
