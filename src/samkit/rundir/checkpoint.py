@@ -46,11 +46,15 @@ def save_checkpoint(
     data = buffer.getvalue()
     path = directory / f"ckpt-{step:09d}-{hashlib.sha256(data).hexdigest()[:16]}.pt"
     tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: the older checkpoints stay, no half file is left
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(directory)
     protected = {Path(p).name for p in protect}
     for old in list_checkpoints(directory)[keep:]:
