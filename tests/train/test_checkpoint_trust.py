@@ -5,6 +5,8 @@ non-finite is ever checkpointed, and ``samkit evaluate`` refuses non-finite weig
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from train_helpers import assert_same_weights
 
 from samkit.cli import main
-from samkit.rundir import list_checkpoints, load_checkpoint, save_checkpoint
+from samkit.rundir import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from samkit.train.errors import TrainingDivergedError
 from samkit.train.run import MAX_SKIPPED_IN_A_ROW, step_done
 
@@ -158,3 +160,25 @@ def test_evaluate_refuses_non_finite_weights(fmnist_dir, tmp_path, capsys, value
     assert captured.out == ""
     assert captured.err.count("\n") == 1
     assert bad.name in captured.err and "not finite" in captured.err
+
+
+class _Payload:
+    """Unpickling this would run code (create a file): ``weights_only=True`` must refuse it."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    target = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"format": "samkit-checkpoint/1", "model": _Payload(target)}, buffer)
+    data = buffer.getvalue()
+    path = tmp_path / f"ckpt-000000001-{hashlib.sha256(data).hexdigest()[:16]}.pt"
+    path.write_bytes(data)  # its checksum is right: only weights_only stands in the way
+    with pytest.raises(CheckpointError, match="unsafe"):
+        load_checkpoint(path)
+    assert not target.exists()
