@@ -38,6 +38,12 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, t
         for key, value in state.items():
             if torch.is_tensor(value):
                 out[f"optimizer.{i}.{key}"] = value.clone()
+    for key, values in optimizer.state_dict().get("samkit", {}).items():  # e.g. F-SAM's average
+        if key.endswith("generator"):  # an RNG (ESAM's masks) moves on, like dropout's: it drew
+            continue
+        for i, value in enumerate(values if isinstance(values, list) else [values]):
+            if torch.is_tensor(value):
+                out[f"samkit.{key}.{i}"] = value.clone()
     return out
 
 
@@ -70,6 +76,8 @@ def test_a_skipped_step_leaves_weights_optimizer_and_batchnorm_unchanged(name, k
         assert step(poisoned, y).took_step is False
 
     after = _snapshot(model, optimizer)
+    if name == "fsam":
+        assert any(k.startswith("samkit.friendly_momentum") for k in before)
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"a skipped step changed {changed}"
