@@ -163,7 +163,10 @@ def step_done(run: Run, state: RunState, took_step: bool) -> None:
 def divergence_message(run: Run, state: RunState, why: str) -> str:
     """The one line a diverged run ends with: why, where, and what is left to fall back on."""
     if run.last_good is not None:
-        kept = f"the last checkpoint whose weights still trained (finite loss and gradients) is {run.last_good}"
+        kept = (
+            "the last checkpoint whose weights still trained (finite loss and gradients) is "
+            f"{run.last_good}"
+        )
     else:
         kept = "no checkpoint of this run was followed by a step taken (finite loss and gradients)"
     return (
