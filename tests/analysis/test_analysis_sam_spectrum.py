@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn as nn
@@ -47,7 +45,6 @@ def train(rho: float, seed: int, steps: int = 300) -> nn.Module:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sam_has_a_smaller_lambda_max_than_sgd(seed):
-    start = time.perf_counter()
     data = [two_blobs()]
     loss_fn = nn.CrossEntropyLoss()
     sgd, sam = train(0.0, seed), train(0.5, seed)
@@ -62,4 +59,3 @@ def test_sam_has_a_smaller_lambda_max_than_sgd(seed):
     s_sgd = sharpness(sgd, loss_fn, data, rho=0.5, steps=3).sharpness
     s_sam = sharpness(sam, loss_fn, data, rho=0.5, steps=3).sharpness
     assert s_sam < s_sgd
-    assert time.perf_counter() - start < 15.0
