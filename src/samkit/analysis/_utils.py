@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
-from tqdm import tqdm
 
 #: A batch is ``(inputs, targets)``; ``loss_fn(model(inputs), targets)`` returns the MEAN loss.
 Batch = Sequence[Any]
@@ -111,12 +110,6 @@ def mean_loss(
             total = loss if total is None else total + loss
     assert total is not None
     return total
-
-
-def progress_bar(iterable: Iterable[Any], progress: bool | None, **kwargs: Any) -> tqdm:
-    """``tqdm`` with the project convention: ``progress=None`` shows a bar only on a terminal."""
-    disable = None if progress is None else not progress
-    return tqdm(iterable, disable=disable, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def new_figure(figsize: tuple[float, float] = (6.0, 4.0)) -> Any:

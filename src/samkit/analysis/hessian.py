@@ -7,6 +7,9 @@ uses its running statistics, dropout is off), so the operator is deterministic a
     L(w) = sum_b (n_b / N) * loss_fn(model(x_b; w), y_b),     N = sum_b n_b
     H v  = d/dw <grad L(w), v>                                 (double backprop, Pearlmutter 1994)
 
+The products come from :class:`~samkit.analysis.hvp.HessianOperator` (:mod:`samkit.analysis.hvp`
+says how, and what one costs).
+
 ``loss_fn`` must return the MEAN loss of its batch (e.g. ``nn.CrossEntropyLoss()``), so the weights
 ``n_b / N`` turn the batch means into the mean over the whole subset.
 
@@ -30,22 +33,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from samkit.analysis._utils import (
-    Batch,
-    LossFn,
-    as_batch_list,
-    batch_size,
-    batch_weights,
-    eval_mode,
-    flatten,
-    mean_loss,
-    new_figure,
-    progress_bar,
-    save_figure,
-    to_device,
-    trainable_parameters,
-    unflatten,
-)
+from samkit.analysis._utils import Batch, LossFn, new_figure, save_figure
+from samkit.analysis.hvp import HessianOperator
+from samkit.analysis.progress import progress_bar
 
 __all__ = [
     "HessianEigenResult",
@@ -64,100 +54,6 @@ __all__ = [
 
 #: ``hvp(v) -> H v`` for a flat vector ``v`` of length ``dim``.
 MatVec = Callable[[Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------------------------
-# Hessian-vector products
-# --------------------------------------------------------------------------------------------
-
-
-class HessianOperator:
-    """``v -> H v`` for the Hessian of the mean loss over fixed batches (double backprop).
-
-    ``H v = sum_b (n_b / N) * grad_w <grad_w loss_b(w), v>``: for each batch the gradient is built
-    with ``create_graph=True``, dotted with ``v`` and differentiated again. The model runs in eval
-    mode during every call (its per-module ``training`` flags are restored afterwards); ``.grad``
-    fields are never touched. ``v`` may have any floating dtype / device: it is cast to the
-    parameters' and the result is returned in ``v``'s dtype and device.
-
-    Args:
-        model: the network; its trainable parameters (``requires_grad``) span the Hessian, in
-            ``model.parameters()`` order, unless ``params`` is given.
-        loss_fn: ``loss_fn(model(x), y)`` -> the mean loss of the batch.
-        batches: ``(x, y)`` pairs (a list or any iterable, materialised once). Tensors are moved
-            to the parameters' device on use.
-        params: restrict the Hessian to these parameters (default: all trainable ones).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        batches: Iterable[Batch],
-        params: Iterable[Tensor] | None = None,
-    ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.batches = as_batch_list(batches)
-        self.weights = batch_weights(self.batches)
-        self.params = list(params) if params is not None else trainable_parameters(model)
-        if not self.params:
-            raise ValueError("the model has no trainable parameters")
-        self.dim = sum(p.numel() for p in self.params)
-        self.num_examples = sum(batch_size(b) for b in self.batches)
-        self.num_calls = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-    def __call__(self, v: Tensor) -> Tensor:
-        if v.shape != (self.dim,):
-            raise ValueError(f"expected a flat vector of shape ({self.dim},), got {tuple(v.shape)}")
-        vs = [
-            u.to(device=p.device, dtype=p.dtype)
-            for u, p in zip(unflatten(v, self.params), self.params)
-        ]
-        out = [torch.zeros_like(p) for p in self.params]
-        device = self.device
-        with eval_mode(self.model), torch.enable_grad():
-            for (x, y), w in zip(self.batches, self.weights):
-                loss = self.loss_fn(self.model(to_device(x, device)), to_device(y, device)) * w
-                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                terms = [(g * u).sum() for g, u in zip(grads, vs) if g is not None]
-                if not terms:
-                    continue
-                dot = torch.stack(terms).sum()
-                if not dot.requires_grad:  # the loss is linear in the parameters: H = 0
-                    continue
-                hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-                for acc, h in zip(out, hv):
-                    if h is not None:
-                        acc.add_(h.detach())
-        self.num_calls += 1
-        return flatten(out).to(device=v.device, dtype=v.dtype)
-
-    def loss(self) -> float:
-        """The mean loss ``L(w)`` over the batches (eval mode)."""
-        with eval_mode(self.model):
-            return float(mean_loss(self.model, self.loss_fn, self.batches, self.weights))
-
-    def gradient(self) -> Tensor:
-        """The flat gradient ``grad L(w)`` over the batches (eval mode), detached."""
-        out = [torch.zeros_like(p) for p in self.params]
-        device = self.device
-        with eval_mode(self.model), torch.enable_grad():
-            for (x, y), w in zip(self.batches, self.weights):
-                loss = self.loss_fn(self.model(to_device(x, device)), to_device(y, device)) * w
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                for acc, g in zip(out, grads):
-                    if g is not None:
-                        acc.add_(g)
-        return flatten(out)
 
 
 def _operator_device(hvp: MatVec, device: torch.device | str | None) -> torch.device:
@@ -345,7 +241,8 @@ def lanczos(
         dtype: precision of the Lanczos vectors and recurrence (float64 by default; the HVP itself
             runs in the parameters' dtype). Memory: ``num_steps * dim`` of this dtype.
         device: where the Lanczos vectors live (default: the operator's ``device`` or CPU).
-        progress: tqdm bar over the steps (None: only on a terminal).
+        progress: progress on stderr, one unit per HVP: a bar on a terminal, lines with an ETA
+            otherwise (:mod:`samkit.analysis.progress`); False: none.
     """
     if not 1 <= k <= dim:
         raise ValueError(f"k must be in [1, dim={dim}], got {k}")
@@ -368,7 +265,9 @@ def lanczos(
         res = (t.last_beta * s[-1, idx]).abs()
         return bool((res <= tol * max(float(theta.abs().max()), 1e-300)).all())
 
-    with progress_bar(None, progress, total=m, desc="lanczos") as bar:
+    with progress_bar(
+        None, progress, total=m, desc="lanczos", unit="HVP", may_stop_early=tol is not None
+    ) as bar:
         t = _lanczos_tridiagonal(hvp, v0, m, keep_basis=True, stop=converged, bar=bar)
     theta, s = torch.linalg.eigh(t.matrix())
     kk = min(k, t.steps)  # fewer only at an invariant subspace smaller than k
@@ -435,20 +334,23 @@ def power_iteration_lambda_max(
     estimate = float("nan")
     converged = False
     it = 0
-    bar = progress_bar(range(max_iters), progress, desc="power iteration")
-    for it in bar:  # noqa: B007 - the count is reported
-        w = hvp(v).to(device=dev, dtype=dtype)
-        new = float(torch.dot(v, w))
-        norm = torch.linalg.vector_norm(w)
-        if norm == 0:
-            estimate, converged = 0.0, True
-            break
-        v = w / norm
-        if math.isfinite(estimate) and abs(new - estimate) <= tol * max(abs(new), 1e-300):
-            estimate, converged = new, True
-            break
-        estimate = new
-    bar.close()
+    bar = progress_bar(
+        None, progress, total=max_iters, desc="power iteration", unit="HVP", may_stop_early=True
+    )
+    with bar:
+        for it in range(max_iters):  # noqa: B007 - the count is reported
+            w = hvp(v).to(device=dev, dtype=dtype)
+            bar.update(1)
+            new = float(torch.dot(v, w))
+            norm = torch.linalg.vector_norm(w)
+            if norm == 0:
+                estimate, converged = 0.0, True
+                break
+            v = w / norm
+            if math.isfinite(estimate) and abs(new - estimate) <= tol * max(abs(new), 1e-300):
+                estimate, converged = new, True
+                break
+            estimate = new
     return PowerIterationResult(estimate, v, it + 1, converged)
 
 
@@ -555,8 +457,14 @@ def gauss_quadrature(
     Fewer than ``m`` nodes come back when the Krylov space is invariant earlier (then it is exact
     for every f).
     """
+    return _quadrature(hvp, v, num_steps, dtype, None)
+
+
+def _quadrature(
+    hvp: MatVec, v: Tensor, num_steps: int, dtype: torch.dtype, bar: Any
+) -> tuple[np.ndarray, np.ndarray]:
     v = v.detach().reshape(-1).to(dtype=dtype)
-    t = _lanczos_tridiagonal(hvp, v, num_steps, keep_basis=True)
+    t = _lanczos_tridiagonal(hvp, v, num_steps, keep_basis=True, bar=bar)
     theta, s = torch.linalg.eigh(t.matrix())
     return theta.numpy(), (s[0, :] ** 2).numpy()
 
@@ -643,11 +551,13 @@ def slq_density(
     gen = _generator(generator, seed)
     nodes: list[np.ndarray] = []
     weights: list[np.ndarray] = []
-    for _ in progress_bar(range(num_probes), progress, desc="SLQ probes"):
-        v = _random_vector(dim, probe, gen, dtype, dev)
-        th, w = gauss_quadrature(hvp, v, num_steps, dtype=dtype)
-        nodes.append(th)
-        weights.append(w)
+    total = num_probes * min(num_steps, dim)  # HVPs, fewer if a Krylov space is invariant early
+    with progress_bar(None, progress, total=total, desc="SLQ", unit="HVP") as bar:
+        for _ in range(num_probes):
+            v = _random_vector(dim, probe, gen, dtype, dev)
+            th, w = _quadrature(hvp, v, num_steps, dtype, bar)
+            nodes.append(th)
+            weights.append(w)
     lo = float(min(n.min() for n in nodes))
     hi = float(max(n.max() for n in nodes))
     span = hi - lo

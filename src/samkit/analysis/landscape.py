@@ -39,9 +39,9 @@ from samkit.analysis._utils import (
     eval_mode,
     mean_loss,
     new_figure,
-    progress_bar,
     save_figure,
 )
+from samkit.analysis.progress import progress_bar
 
 __all__ = [
     "evaluate_loss",
@@ -186,7 +186,7 @@ def loss_surface_2d(
     dy = {k: direction_y[k].to(params[k]) if k in direction_y else None for k in names}
     grid = [(i, j) for i in range(b.size) for j in range(a.size)]
     with _restored(model) as clean, eval_mode(model), torch.no_grad():
-        for i, j in progress_bar(grid, progress, desc="loss surface"):
+        for i, j in progress_bar(grid, progress, desc="loss surface", unit="points"):
             for k in names:
                 p = params[k].copy_(clean[k])
                 if dx[k] is not None and a[j] != 0.0:
@@ -234,7 +234,7 @@ def interpolation_curve(
         for k, v in live.items()
     }
     with _restored(model), eval_mode(model), torch.no_grad():
-        for i, t in enumerate(progress_bar(ta, progress, desc="interpolation")):
+        for i, t in enumerate(progress_bar(ta, progress, desc="interpolation", unit="points")):
             for k, v in live.items():
                 wa, wb = pairs[k]
                 if v.is_floating_point():  # exact at t = 0 and t = 1

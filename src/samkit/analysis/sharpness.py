@@ -44,10 +44,10 @@ from samkit.analysis._utils import (
     batch_size,
     batch_weights,
     eval_mode,
-    progress_bar,
     to_device,
     trainable_parameters,
 )
+from samkit.analysis.progress import progress_bar
 
 __all__ = ["MSharpnessResult", "SharpnessResult", "m_sharpness", "sharpness"]
 
@@ -241,7 +241,8 @@ def m_sharpness(
         chunks = n // m if max_chunks is None else min(n // m, max_chunks)
         plan.append((m, chunks))
     results = []
-    bar = progress_bar(None, progress, total=sum(c for _, c in plan), desc="m-sharpness")
+    total = sum(c for _, c in plan)
+    bar = progress_bar(None, progress, total=total, desc="m-sharpness", unit="chunks")
     try:
         for m, chunks in plan:
             values, losses = [], []
