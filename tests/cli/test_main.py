@@ -47,13 +47,13 @@ def test_version(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--epochs", "0"], "--epochs: '0' is not a positive integer"),
-        (["--epochs", "two"], "--epochs: 'two' is not a positive integer"),
-        (["--batch-size", "-1"], "--batch-size: '-1' is not a positive integer"),
-        (["--learning-rate", "nan"], "--learning-rate: 'nan' is not a positive number"),
-        (["--sam-rho", "-0.1"], "--sam-rho: '-0.1' is not a non-negative number"),
-        (["--train-subset", "0"], "--train-subset: '0' is not a positive integer"),
-        (["--threads", "0"], "--threads: '0' is not a positive integer"),
+        (["--epochs", "0"], "--epochs: '0' is not an integer in [1, 100000]"),
+        (["--epochs", "two"], "--epochs: 'two' is not an integer in [1, 100000]"),
+        (["--batch-size", "-1"], "--batch-size: '-1' is not an integer in [1, 65536]"),
+        (["--learning-rate", "nan"], "--learning-rate: 'nan' is not a number in (0, 1000]"),
+        (["--sam-rho", "-0.1"], "--sam-rho: '-0.1' is not a number in [0, 1000]"),
+        (["--train-subset", "0"], "--train-subset: '0' is not an integer in [1, 1000000000]"),
+        (["--threads", "0"], "--threads: '0' is not an integer in [1, 1024]"),
         (["--augment", "lots"], "--augment: invalid choice: 'lots'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
@@ -206,7 +206,7 @@ def test_python_m_samkit_subprocess(fmnist_dir, tmp_path):
         env=env,
     )
     assert bad.returncode == 2
-    assert "--epochs: '-3' is not a positive integer" in bad.stderr
+    assert "--epochs: '-3' is not an integer in [1, 100000]" in bad.stderr
     ok = subprocess.run(
         [sys.executable, "-m", "samkit", "train", *TINY, "--output-dir", str(tmp_path)],
         capture_output=True,

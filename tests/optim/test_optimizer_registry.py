@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim import SGD, AdamW
 
-from samkit.domains import NON_NEGATIVE, UNIT_OPEN_CLOSED
+from samkit.domains import NON_NEGATIVE, SCALE, SEED, UNIT_OPEN_CLOSED
 from samkit.optim import (
     ESAM,
     SAM,
@@ -58,12 +58,12 @@ def test_entries():
     ]
     flags = {o.name: (o.flag, o.default, o.kind, o.domain, o.choices) for o in esam.options}
     assert flags == {
-        "rho": ("sam_rho", 0.05, float, NON_NEGATIVE, None),
+        "rho": ("sam_rho", 0.05, float, SCALE, None),
         "adaptive": ("sam_adaptive", False, bool, None, None),
         "beta": ("esam_beta", 0.5, float, UNIT_OPEN_CLOSED, None),
         "gamma": ("esam_gamma", 0.5, float, UNIT_OPEN_CLOSED, None),
         "sds_criterion": ("esam_criterion", "sharpness", str, None, ("sharpness", "loss")),
-        "seed": ("run_seed", 0, int, NON_NEGATIVE, None),
+        "seed": ("run_seed", 0, int, SEED, None),
     }
     assert sam.option("rho") == esam.option("rho")
     assert sam.option("rho").help == "SAM neighbourhood size rho; 0 trains with plain SGD"
@@ -149,14 +149,14 @@ def test_create_sgd_is_the_base_optimizer_alone():
 @pytest.mark.parametrize(
     "name, kwargs, text",
     [
-        ("sam", {"rho": -0.1}, "'rho' must be a non-negative number, got -0.1"),
-        ("sam", {"rho": float("nan")}, "a non-negative number"),
+        ("sam", {"rho": -0.1}, r"'rho' must be a number in \[0, 1000\], got -0.1"),
+        ("sam", {"rho": float("nan")}, r"a number in \[0, 1000\]"),
         ("sam", {"adaptive": 1}, "'adaptive' must be True or False"),
         ("esam", {"beta": 0.0}, r"'beta' must be a number in \(0, 1\], got 0.0"),
         ("esam", {"gamma": 1.5}, r"'gamma' must be a number in \(0, 1\]"),
         ("esam", {"sds_criterion": "grad"}, "one of 'sharpness', 'loss'"),
-        ("esam", {"seed": -1}, "'seed' must be a non-negative integer"),
-        ("esam", {"seed": 1.5}, "a non-negative integer"),
+        ("esam", {"seed": -1}, r"'seed' must be an integer in \[0, 4294967295\]"),
+        ("esam", {"seed": 1.5}, r"an integer in \[0, 4294967295\]"),
     ],
 )
 def test_bad_option_values_raise_naming_optimizer_option_and_domain(name, kwargs, text):

@@ -422,9 +422,12 @@ def test_rerun_of_a_finished_run_resumes_and_changed_settings_are_refused(data, 
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--learning_rate", "-0.1"], "argument --learning_rate: '-0.1' is not a positive number"),
-        (["--learning-rate", "0"], "argument --learning-rate: '0' is not a positive number"),
-        (["--num_epochs", "0"], "argument --num_epochs: '0' is not a positive integer"),
+        (
+            ["--learning_rate", "-0.1"],
+            "argument --learning_rate: '-0.1' is not a number in (0, 1000]",
+        ),
+        (["--learning-rate", "0"], "argument --learning-rate: '0' is not a number in (0, 1000]"),
+        (["--num_epochs", "0"], "argument --num_epochs: '0' is not an integer in [1, 100000]"),
         (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
         (["--model_name", "resnet9000"], "--model-name: unknown model 'resnet9000'"),
         (["--label-noise", "1.5"], "argument --label-noise: '1.5' is not a fraction in [0, 1]"),

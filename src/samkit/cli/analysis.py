@@ -54,16 +54,22 @@ from samkit.cli.args import (
     number,
     warn,
 )
-from samkit.domains import NON_NEGATIVE, POSITIVE
+from samkit.cli.limits import check_hessian_memory
+from samkit.domains import BATCH, COUNT, POSITIVE_SCALE, SCALE, SEED, THREADS, Interval
 from samkit.rundir import ANALYSIS_DIR, CheckpointError, load_run_model, write_json
 from samkit.rundir.layout import HESSIAN_FILE
 
 __all__ = ["add_commands", "cmd_hessian", "cmd_sharpness", "load_model"]
 
-positive_int = number(int, POSITIVE)
-positive_float = number(float, POSITIVE)
-non_negative_int = number(int, NON_NEGATIVE)
-non_negative_float = number(float, NON_NEGATIVE)
+# Every number is bounded (samkit.domains): a huge value is refused here, before any work.
+positive_int = number(int, COUNT)  # examples, chunks
+positive_float = number(float, POSITIVE_SCALE)
+non_negative_float = number(float, SCALE)
+seed_int = number(int, SEED)
+batch_int = number(int, BATCH)
+threads_int = number(int, THREADS)
+top_k_int = number(int, Interval(1, 1000))
+iterations = number(int, Interval(1, 10_000))  # Lanczos / power / ascent steps, probes
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, output_help: str) -> None:
@@ -83,7 +89,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, output_help: str) -> None
         help="examples in the fixed random subset (all of them if the split is smaller)",
     )
     data.add_argument(
-        "--batch-size", metavar="N", type=positive_int, default=128, help="evaluation batch size"
+        "--batch-size", metavar="N", type=batch_int, default=128, help="evaluation batch size"
     )
     data.add_argument(
         "--split",
@@ -94,7 +100,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, output_help: str) -> None
     data.add_argument(
         "--seed",
         metavar="SEED",
-        type=non_negative_int,
+        type=seed_int,
         default=0,
         help="seed of the subset and of the random vectors / directions",
     )
@@ -115,7 +121,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, output_help: str) -> None
     run.add_argument(
         "--threads",
         metavar="N",
-        type=positive_int,
+        type=threads_int,
         default=None,
         help="CPU threads for torch (default: torch's choice)",
     )
@@ -146,9 +152,7 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
         p, output_help=f"where to write the files (default: RUN_DIR/{ANALYSIS_DIR})"
     )
     h = p.add_argument_group("Hessian")
-    h.add_argument(
-        "--top-k", metavar="K", type=positive_int, default=5, help="eigenvalues to compute"
-    )
+    h.add_argument("--top-k", metavar="K", type=top_k_int, default=5, help="eigenvalues to compute")
     h.add_argument(
         "--method",
         choices=("lanczos", "power"),
@@ -158,7 +162,7 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--max-steps",
         metavar="N",
-        type=positive_int,
+        type=iterations,
         default=None,
         help="most Lanczos steps for the top-k (default: max(3k, k + 50)) or power iterations "
         "(default: 100); each costs one Hessian-vector product",
@@ -166,7 +170,7 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--tol",
         metavar="TOL",
-        type=positive_float,
+        type=number(float, Interval(0, 1, low_open=True, high_open=True)),
         default=None,
         help="relative tolerance (default: 1e-6 on the Lanczos residuals, 1e-5 on the change of "
         "the power-iteration estimate)",
@@ -181,21 +185,21 @@ def _add_hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--probes",
         metavar="N",
-        type=positive_int,
+        type=iterations,
         default=10,
         help="SLQ: random Rademacher probe vectors",
     )
     h.add_argument(
         "--lanczos-steps",
         metavar="N",
-        type=positive_int,
+        type=iterations,
         default=80,
         help="SLQ: Lanczos steps per probe",
     )
     h.add_argument(
         "--sigma",
         metavar="S",
-        type=positive_float,
+        type=number(float, Interval(0, 1e6, low_open=True)),  # in eigenvalue units
         default=None,
         help="SLQ: width of the Gaussian kernel (default: 0.2%% of the spectrum's span)",
     )
@@ -222,7 +226,7 @@ def _add_sharpness_parser(sub: argparse._SubParsersAction) -> None:
         "--rho", metavar="RHO", type=non_negative_float, default=0.05, help="radius of the L2 ball"
     )
     s.add_argument(
-        "--steps", metavar="K", type=positive_int, default=1, help="projected ascent steps"
+        "--steps", metavar="K", type=iterations, default=1, help="projected ascent steps"
     )
     s.add_argument(
         "--m",
@@ -403,6 +407,7 @@ def _hessian(args: argparse.Namespace) -> None:
         raise CommandError(f"--top-k {args.top_k}: the model has only {dim} parameters")
     if args.method == "lanczos" and args.max_steps is not None and args.max_steps < args.top_k:
         raise CommandError(f"--max-steps {args.max_steps} must be >= --top-k {args.top_k}")
+    check_hessian_memory(args, dim, prep.device)
     result: dict[str, Any] = {**prep.header, "method": args.method}
     if args.method == "lanczos":
         eig = hessian_top_eigenvalues(

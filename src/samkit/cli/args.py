@@ -143,6 +143,7 @@ def number(kind: type, domain: Interval) -> Callable[[str], Any]:
         return value
 
     parse.__name__ = what  # argparse names the type in some messages
+    parse.kind, parse.domain = kind, domain  # type: ignore[attr-defined]  # for the tests
     return parse
 
 

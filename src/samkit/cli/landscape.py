@@ -32,13 +32,14 @@ from samkit.cli.analysis import (
     write_results,
 )
 from samkit.cli.args import BoolFlag, CommandError, HelpFormatter, number
-from samkit.domains import ANY, AT_LEAST_TWO
+from samkit.cli.limits import MAX_POINTS, check_landscape_cost
+from samkit.domains import MAX_SCALE, Interval
 from samkit.rundir import ANALYSIS_DIR
 
 __all__ = ["add_command", "cmd_landscape"]
 
-_at_least_two = number(int, AT_LEAST_TWO)
-_finite_float = number(float, ANY)
+_grid_points = number(int, Interval(2, MAX_POINTS))
+_t_value = number(float, Interval(-MAX_SCALE, MAX_SCALE))
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +71,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--points",
         metavar="N",
-        type=_at_least_two,
+        type=_grid_points,
         default=21,
         help="grid points per axis (and along the line)",
     )
@@ -100,7 +101,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--t-range",
         metavar=("T0", "T1"),
-        type=_finite_float,
+        type=_t_value,
         nargs=2,
         default=(-0.5, 1.5),
         help="the line's parameter t runs over [T0, T1] (t=0: RUN, t=1: --other)",
@@ -123,6 +124,7 @@ def _landscape(args: argparse.Namespace) -> None:
     if args.other is not None and not t0 < t1:
         raise CommandError(f"--t-range {t0:g} {t1:g}: T0 must be smaller than T1")
     dims = args.dims if args.dims is not None else (None if args.other is not None else 1)
+    check_landscape_cost(dims, args.points, args.other is not None, args.num_samples)
     start = time.perf_counter()
     prep = Prepared("landscape", args, other=args.other)
     other = prep.other

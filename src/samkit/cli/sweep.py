@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from samkit.cli.args import BoolFlag, CommandError, HelpFormatter, fail, number, parse_bool
-from samkit.domains import NON_NEGATIVE, POSITIVE
+from samkit.domains import MAX_THREADS, SEED, THREADS, Interval
 from samkit.sweep import SpecError, SweepSpec, load_spec, run_cells, submit_cells, write_manifest
 from samkit.sweep.spec import check_spec
 from samkit.train.config import settings
@@ -62,7 +62,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seeds",
         metavar="SEED",
-        type=number(int, NON_NEGATIVE),
+        type=number(int, SEED),
         nargs="+",
         default=None,
         help="run seeds (default: the spec's, else 0)",
@@ -71,21 +71,21 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--workers",
         metavar="N",
-        type=number(int, POSITIVE),
+        type=number(int, THREADS),
         default=None,
         help="cells run at a time on this machine (default: one per CPU core)",
     )
     run.add_argument(
         "--threads",
         metavar="N",
-        type=number(int, POSITIVE),
+        type=number(int, THREADS),
         default=None,
         help="torch threads per cell (default: the cores split over the workers)",
     )
     run.add_argument(
         "--nproc-per-node",
         metavar="N",
-        type=number(int, POSITIVE),
+        type=number(int, THREADS),
         default=1,
         help="run each cell as a torchrun job of N processes (DDP)",
     )
@@ -125,7 +125,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     cluster.add_argument(
         "--timeout-min",
         metavar="MIN",
-        type=number(int, POSITIVE),
+        type=number(int, Interval(1, 10**6)),  # about two years
         default=24 * 60,
         help="time limit of each job in minutes",
     )
@@ -133,7 +133,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     cluster.add_argument(
         "--gpus-per-node",
         metavar="N",
-        type=number(int, NON_NEGATIVE),
+        type=number(int, Interval(0, MAX_THREADS)),
         default=0,
         help="GPUs per job",
     )

@@ -25,7 +25,7 @@ from samkit.cli.args import (
     repeats_local_rank_zero,
 )
 from samkit.data import DataFormatError, DataNotFoundError
-from samkit.domains import POSITIVE
+from samkit.domains import BATCH, THREADS
 from samkit.rundir import CheckpointError, RunDirBusy
 from samkit.train.checks import config_from_values
 from samkit.train.config import SEED_DEFAULTS, SettingField, TrainConfig, settings
@@ -231,7 +231,7 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument(
         "--batch-size",
         metavar="N",
-        type=number(int, POSITIVE),
+        type=number(int, BATCH),
         default=None,
         help="evaluation batch size (default: the run's)",
     )
@@ -245,7 +245,7 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument(
         "--threads",
         metavar="N",
-        type=number(int, POSITIVE),
+        type=number(int, THREADS),
         default=None,
         help="CPU threads (default: the run's --threads, for bit-identical results)",
     )

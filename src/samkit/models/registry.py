@@ -9,18 +9,23 @@ itself: the architecture modules register their models and families when importe
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
+import torch
 import torch.nn as nn
 
 __all__ = [
+    "MAX_PARAMETERS",
+    "count_parameters",
     "create_model",
     "is_model",
     "list_model_families",
     "list_models",
+    "model_name_problem",
     "register_model",
     "register_model_family",
 ]
@@ -115,19 +120,25 @@ def _family(name: str) -> _Family | None:
     return None
 
 
-def is_model(name: str) -> bool:
-    """Whether ``name`` is a registered model or a possible member of a model family."""
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` names no model, or None if it names one: ``"unknown model 'x'"``, or what
+    its family's check says of an impossible member (``wrn_27_10``: the depth is not 6n + 4)."""
     if name in _REGISTRY:
-        return True
+        return None
     family = _family(name)
     if family is None:
-        return False
+        return f"unknown model {name!r}"
     if family.check is not None:
         try:
             family.check(name)
-        except ValueError:  # e.g. wrn_{d}_{k} with an impossible depth
-            return False
-    return True
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model or a possible member of a model family."""
+    return model_name_problem(name) is None
 
 
 def create_model(
@@ -143,3 +154,35 @@ def create_model(
         known = ", ".join(list_models()) or "(none)"
         raise ValueError(f"unknown model {name!r}; known models: {known}") from None
     return fn(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+#: The most parameters a model may have (4 GB of float32 weights; SAM keeps about four copies):
+#: 15 times the largest built-in model (EfficientNet-B7, 64M), and what stops ``wrn_1000_1000``
+#: (1.6e13) from being allocated for minutes before the machine runs out of memory.
+MAX_PARAMETERS = 1_000_000_000
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_count(name: str, num_classes: int, in_channels: int, kwargs: tuple) -> int | None:
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = create_model(name, num_classes, in_channels, **dict(kwargs))
+    except ValueError:
+        raise
+    except Exception:  # a model that cannot be built on the meta device: count unknown
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_parameters(
+    name: str, num_classes: int = 10, in_channels: int = 3, **kwargs: Any
+) -> int | None:
+    """The number of parameters of model ``name``, built on the ``meta`` device (no memory is
+    allocated; WRN-28-10 takes milliseconds); None if it cannot be built there. ``ValueError``
+    as :func:`create_model` for an unknown name."""
+    try:
+        key = tuple(sorted(kwargs.items()))
+        hash(key)
+    except TypeError:  # unhashable keyword values (lists): not cached
+        return _meta_count.__wrapped__(name, num_classes, in_channels, tuple(kwargs.items()))
+    return _meta_count(name, num_classes, in_channels, key)

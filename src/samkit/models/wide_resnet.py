@@ -29,6 +29,7 @@ from samkit.models.registry import register_model, register_model_family
 __all__ = ["WideBasicBlock", "WideResNet", "parse_wrn_name", "wide_resnet", "wrn_from_name"]
 
 _WRN_NAME = re.compile(r"wrn_(\d+)_(\d+)")
+MAX_DEPTH, MAX_WIDTH = 1000, 1000
 
 
 class WideBasicBlock(nn.Module):
@@ -123,9 +124,11 @@ def parse_wrn_name(name: str) -> tuple[int, int] | None:
     if m is None:
         return None
     depth, k = int(m.group(1)), int(m.group(2))
-    if depth < 10 or (depth - 4) % 6 or k < 1:
+    # The bounds keep even a meta-device build (to count the parameters) within a second or two.
+    if not 10 <= depth <= MAX_DEPTH or (depth - 4) % 6 or not 1 <= k <= MAX_WIDTH:
         raise ValueError(
-            f"{name!r}: a WideResNet needs depth 6n + 4 (10, 16, 22, 28, 40, ...) and width >= 1"
+            f"{name!r}: a WideResNet needs depth 6n + 4 (10, 16, 22, 28, 40, ..., at most "
+            f"{MAX_DEPTH}) and width in [1, {MAX_WIDTH}]"
         )
     return depth, k
 

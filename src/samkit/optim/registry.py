@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from samkit.domains import NON_NEGATIVE, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
+from samkit.domains import SCALE, SEED, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
 from samkit.optim.esam import ESAM, SDS_CRITERIA
 from samkit.optim.friendly_sam import FriendlySAM
 from samkit.optim.gsam import GSAM
@@ -195,7 +195,7 @@ _RHO = OptimOption(
     flag="sam_rho",
     default=0.05,
     help="SAM neighbourhood size rho; 0 trains with plain SGD",
-    domain=NON_NEGATIVE,
+    domain=SCALE,
 )
 _ADAPTIVE = OptimOption(
     name="adaptive",
@@ -260,7 +260,7 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
                 flag="run_seed",
                 default=0,
                 help="seed of ESAM's weight-mask generator",
-                domain=NON_NEGATIVE,
+                domain=SEED,
                 kind=int,
             ),
         ),
@@ -282,7 +282,7 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
                 flag="gsam_alpha",
                 default=0.2,
                 help="GSAM: weight of the ascent on the surrogate gap",
-                domain=NON_NEGATIVE,
+                domain=SCALE,
             ),
             OptimOption(
                 name="rho_min",
@@ -290,7 +290,7 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
                 default=0.0,
                 help="GSAM: rho when the learning rate reaches 0 (rho_t goes from --sam-rho at the "
                 "peak learning rate to this, in proportion to the learning rate)",
-                domain=NON_NEGATIVE,
+                domain=SCALE,
             ),
         ),
         label=_gsam_label,
@@ -337,7 +337,7 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
                 flag="fsam_sigma",
                 default=1.0,
                 help="Friendly-SAM: how much of the gradients' moving average is removed",
-                domain=NON_NEGATIVE,
+                domain=SCALE,
             ),
             OptimOption(
                 name="lmbda",

@@ -220,13 +220,19 @@ def check_spec(spec: SweepSpec) -> None:
     """Raise :class:`SpecError` for anything that would make a cell fail before it trains."""
     src = spec.source
     seeds = spec.seeds
+    seed_domain = next(f.setting.domain for f in settings() if f.name == "run_seed")
+    assert seed_domain is not None and seed_domain.high is not None
     if (
         not isinstance(seeds, list)
         or not seeds
-        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
+        or not all(seed_domain.contains(s) for s in seeds)
         or len(set(seeds)) != len(seeds)
     ):
-        raise SpecError(f"{src}: seeds must be a list of distinct non-negative integers")
+        raise SpecError(
+            f"{src}: seeds must be a list of distinct non-negative integers, at most "
+            f"{int(seed_domain.high)} (--run-seed)"
+        )
     _check_settings(f"{src}: [base]", spec.base)
     if not isinstance(spec.variants, list):
         raise SpecError(f"{src}: variants must be a list of tables, each with a name")

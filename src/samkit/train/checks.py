@@ -15,8 +15,15 @@ from typing import Any
 
 import torch
 
+from samkit.data.datasets import DATASET_SPECS
 from samkit.data.transforms import train_transform
-from samkit.models import is_model, list_model_families, list_models
+from samkit.models import (
+    MAX_PARAMETERS,
+    count_parameters,
+    list_model_families,
+    list_models,
+    model_name_problem,
+)
 from samkit.optim import get_optimizer_info
 from samkit.rundir import CONFIG_FILE
 from samkit.train.config import SettingField, TrainConfig, settings
@@ -50,7 +57,7 @@ def check_value(field: SettingField, value: Any) -> Any:
         return value
     kind = field.kind
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf  # past float: out of domain
     if (
         kind is bool
         and not isinstance(value, bool)
@@ -60,13 +67,28 @@ def check_value(field: SettingField, value: Any) -> Any:
     if setting.choices is not None and value not in setting.choices:
         choices = ", ".join(repr(c) for c in setting.choices)
         raise ConfigError(f"{flag}: invalid choice: {value!r} (choose from {choices})")
-    if (
-        setting.domain is not None
-        and kind in (int, float)
-        and (not math.isfinite(value) or not setting.domain.contains(value))
-    ):
+    if setting.domain is not None and kind in (int, float) and not setting.domain.contains(value):
         raise ConfigError(f"{flag}: {value!r} is not {setting.domain.describe(kind is int)}")
     return value
+
+
+def _check_model(name: str, dataset: str) -> None:
+    """The model exists and is not absurdly large (counted on the meta device, before anything
+    is allocated: a typo like wrn_1000_1000 would otherwise allocate for minutes, then fail)."""
+    problem = model_name_problem(name)
+    if problem is not None:
+        known = ""
+        if problem.startswith("unknown model"):
+            families = ", ".join(list_model_families())
+            known = f"; known: {', '.join(list_models())} (and any {families})"
+        raise ConfigError(f"--model-name: {problem}{known}")
+    spec = DATASET_SPECS[dataset]
+    count = count_parameters(name, spec.num_classes or 1000, spec.in_channels)
+    if count is not None and count > MAX_PARAMETERS:
+        raise ConfigError(
+            f"--model-name {name}: {count:,} parameters, more than samkit builds "
+            f"({MAX_PARAMETERS:,})"
+        )
 
 
 def _kind_name(kind: type) -> str:
@@ -83,12 +105,7 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
     v = {name: field.flag_default for name, field in fields.items()}
     v.update({name: check_value(fields[name], value) for name, value in values.items()})
 
-    if not is_model(v["model_name"]):
-        families = ", ".join(list_model_families())
-        raise ConfigError(
-            f"--model-name: unknown model {v['model_name']!r}; known: "
-            f"{', '.join(list_models())} (and any {families})"
-        )
+    _check_model(v["model_name"], v["dataset"])
     problem = device_problem(v["device"])
     if problem:
         raise ConfigError(problem)

@@ -103,7 +103,7 @@ class TrainConfig:
         seed="--num_epochs",
         aliases=("--epochs",),
         metavar="N",
-        domain=domains.POSITIVE,
+        domain=domains.EPOCHS,
         seed_default=200,
     )
     batch_size: int = _setting(
@@ -112,7 +112,7 @@ class TrainConfig:
         TRAINED,
         seed="--batch_size",
         metavar="N",
-        domain=domains.POSITIVE,
+        domain=domains.BATCH,
     )
     # Optimisation
     learning_rate: float = _setting(
@@ -121,7 +121,7 @@ class TrainConfig:
         OPTIMISATION,
         seed="--learning_rate",
         metavar="LR",
-        domain=domains.POSITIVE,
+        domain=domains.POSITIVE_SCALE,
     )
     momentum: float = _setting(
         0.9, "SGD momentum", OPTIMISATION, metavar="M", domain=domains.UNIT_CLOSED_OPEN
@@ -133,7 +133,7 @@ class TrainConfig:
         OPTIMISATION,
         seed="--weight_decay",
         metavar="WD",
-        domain=domains.NON_NEGATIVE,
+        domain=domains.SCALE,
         seed_default=0.001,
     )
     weight_decay_mode: str = _setting(
@@ -150,7 +150,7 @@ class TrainConfig:
         OPTIMISATION,
         seed="--gradient_clipping",
         metavar="NORM",
-        domain=domains.NON_NEGATIVE,
+        domain=domains.SCALE,
         flag_default=0.0,
         seed_default=5.0,
     )
@@ -192,7 +192,7 @@ class TrainConfig:
         "under torchrun each process's share of the batch)",
         OPTIMISATION,
         metavar="M",
-        domain=domains.POSITIVE,
+        domain=domains.BATCH,
     )
     sam_adaptive: bool = _optimizer_option("sam", "adaptive", OPTIMISATION)
     esam_beta: float = _optimizer_option("esam", "beta", OPTIMISATION, metavar="BETA")
@@ -230,7 +230,7 @@ class TrainConfig:
         OPTIMISATION,
         seed="--run_seed",
         metavar="SEED",
-        domain=domains.NON_NEGATIVE,
+        domain=domains.SEED,
     )
     # Data
     use_test_set: bool = _setting(
@@ -265,14 +265,14 @@ class TrainConfig:
         DATA,
         seed="--cutout_length",
         metavar="PX",
-        domain=domains.POSITIVE,
+        domain=domains.PIXELS,
     )
     image_size: int | None = _setting(
         None,
         "crop size for imagenet / image_folder (default: 224)",
         DATA,
         metavar="PX",
-        domain=domains.POSITIVE,
+        domain=domains.PIXELS,
     )
     label_noise: float = _setting(
         0.0,
@@ -294,7 +294,7 @@ class TrainConfig:
         "train on the first N training images only",
         TRAINED,
         metavar="N",
-        domain=domains.POSITIVE,
+        domain=domains.COUNT,
     )
     data_dir: str | None = _setting(
         None,
@@ -309,7 +309,7 @@ class TrainConfig:
         "data-loading worker processes (only for per-image augmentation and folders)",
         DATA,
         metavar="N",
-        domain=domains.NON_NEGATIVE,
+        domain=domains.WORKERS,
         affects_training=False,
     )
     # Fine-tuning
@@ -339,7 +339,7 @@ class TrainConfig:
         EVALUATION,
         seed="--evaluate_every",
         metavar="EPOCHS",
-        domain=domains.POSITIVE,
+        domain=domains.EPOCHS,
         affects_training=False,
     )
     compute_top_5_error_rate: bool = _setting(
@@ -354,7 +354,7 @@ class TrainConfig:
         "evaluation batch size (default: 1000, or --batch-size for image folders)",
         EVALUATION,
         metavar="N",
-        domain=domains.POSITIVE,
+        domain=domains.BATCH,
         affects_training=False,
     )
     # Outputs, checkpoints, machine
@@ -380,7 +380,7 @@ class TrainConfig:
         MACHINE,
         seed="--save_progress_seconds",
         metavar="S",
-        domain=domains.NON_NEGATIVE,
+        domain=domains.SECONDS,
         affects_training=False,
     )
     resume: bool = _setting(
@@ -396,7 +396,7 @@ class TrainConfig:
         "learning-rate schedule still spans --num-epochs (for smoke tests)",
         TRAINED,
         metavar="N",
-        domain=domains.POSITIVE,
+        domain=domains.COUNT,
         affects_training=False,
     )
     device: str = _setting(
@@ -412,7 +412,7 @@ class TrainConfig:
         "with other busy processes --threads 1 avoids a steep slowdown",
         MACHINE,
         metavar="N",
-        domain=domains.POSITIVE,
+        domain=domains.THREADS,
         affects_training=False,
     )
     tensorboard: bool = _setting(True, "write TensorBoard scalars", MACHINE, affects_training=False)
@@ -428,7 +428,7 @@ class TrainConfig:
         "before the job fails",
         MACHINE,
         metavar="S",
-        domain=domains.POSITIVE,
+        domain=domains.POSITIVE_SECONDS,
         affects_training=False,
     )
 
