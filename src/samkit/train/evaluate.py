@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,9 @@ from torch import nn
 from samkit.data import build_datasets, make_loader
 from samkit.rundir import CONFIG_FILE, load_run_model, read_config, resolve_run
 from samkit.train.build import HOLDOUT_SEED, eval_batch_size, memory_format_for
-from samkit.train.errors import TrainingDivergedError
+from samkit.train.checks import check_value
+from samkit.train.config import settings
+from samkit.train.errors import ConfigError, TrainingDivergedError
 
 __all__ = ["evaluate_model", "evaluate_run"]
 
@@ -92,6 +95,7 @@ def evaluate_run(
     config = read_config(run_dir)
     if "dataset" not in config:
         raise ValueError(f"{run_dir / CONFIG_FILE}: no 'dataset'; cannot rebuild the data")
+    _check_config(config, run_dir / CONFIG_FILE)
     threads_before = torch.get_num_threads()
     threads = threads if threads is not None else config.get("threads")
     if threads:
@@ -159,3 +163,33 @@ def evaluate_run(
     if "top_5_error_rate" in result:
         out["test_top_5_error_rate"] = result["top_5_error_rate"]
     return out
+
+
+#: The settings in config.json that rebuild the evaluation data (checked against their domains:
+#: a config.json edited by hand must fail naming the field, not deep in the data loader).
+_DATA_SETTINGS = (
+    "dataset",
+    "data_dir",
+    "holdout_fraction",
+    "run_seed",
+    "image_size",
+    "batch_size",
+    "eval_batch_size",
+    "compute_top_5_error_rate",
+    "threads",
+    "workers",
+)
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    fields = {f.name: f for f in settings()}
+    for key in _DATA_SETTINGS:
+        if key in config:
+            try:
+                check_value(fields[key], config[key])
+            except ConfigError as exc:  # "--flag: 'x' is not ...": name the field instead
+                raise ValueError(f"{path}: field {key!r}: {str(exc).split(': ', 1)[-1]}") from None
+    for key in ("holdout_seed", "eval_batch_size_resolved"):  # written by samkit, not settings
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{path}: field {key!r} is {value!r}, expected an integer")
