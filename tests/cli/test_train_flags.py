@@ -112,6 +112,7 @@ def test_seed_defaults_and_resume_ignored_are_derived():
         "gradient_clipping": 5.0,
         "sam_rho": 0.0,
         "image_level_augmentations": "basic",
+        "amp": "none",
     }
     assert "sam_rho" not in RESUME_IGNORED and "threads" in RESUME_IGNORED
     assert {f.name for f in dataclasses.fields(TrainConfig)} >= RESUME_IGNORED

@@ -19,7 +19,7 @@ from train_helpers import assert_same_weights
 from samkit.cli import main
 from samkit.rundir import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from samkit.train.errors import TrainingDivergedError
-from samkit.train.run import MAX_SKIPPED_IN_A_ROW, step_done
+from samkit.train.run import MAX_SKIPPED_IN_A_ROW, save, step_done
 
 FAST = ["--model-name", "resnet_tiny", "--batch-size", "16", "--epochs", "1", "--threads", "1",
         "--no-tensorboard", "--no-progress"]  # fmt: skip
@@ -117,7 +117,7 @@ def test_nothing_non_finite_is_checkpointed_and_divergence_names_the_last_good_c
     fmnist_dir, tmp_path, capsys
 ):
     run = tmp_path / "run"
-    argv = ["--learning-rate", "1e6", "--save-progress-seconds", "0", "--epochs", "2"]
+    argv = ["--learning-rate", "1000", "--save-progress-seconds", "0", "--epochs", "2"]
     assert _train(fmnist_dir, run, *argv) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "training diverged at step" in err
@@ -126,6 +126,18 @@ def test_nothing_non_finite_is_checkpointed_and_divergence_names_the_last_good_c
     assert not (run / "summary.json").exists()
     # the checkpoint it names as the last that still trained is one that was kept
     assert "still trained" in err and any(str(p) in err for p in kept)
+
+
+def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tmp_path):
+    good = save_checkpoint({"x": torch.tensor(1.0)}, tmp_path / "checkpoints", step=1)
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = math.inf
+    run = SimpleNamespace(model=model, ema=None, last_good=good, is_main=True, run_dir=tmp_path)
+    with pytest.raises(TrainingDivergedError, match="not finite") as info:
+        save(run, SimpleNamespace(global_step=2))
+    assert str(good) in str(info.value)
+    assert list_checkpoints(tmp_path / "checkpoints") == [good]
 
 
 def test_many_skipped_steps_in_a_row_end_the_run_naming_the_last_good_checkpoint(tmp_path):

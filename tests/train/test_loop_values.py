@@ -82,7 +82,7 @@ def run(data, tmp_path_factory):
     argv += ["--num-epochs", str(EPOCHS), "--batch-size", "8", "--learning-rate", str(LR0)]
     argv += ["--optimizer", "sam", "--ema-decay", str(DECAY), "--compute-top-5-error-rate"]
     argv += ["--eval-batch-size", "24", "--image-level-augmentations", "basic"]
-    argv += ["--no-tensorboard", "--run-dir", str(run_dir)]
+    argv += ["--no-tensorboard", "--run-dir", str(run_dir), "--amp", "none"]  # as recomputed
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(build, "build_model", model_spy)
         mp.setattr(build, "build_optimizer", optimizer_spy)

@@ -80,6 +80,31 @@ def device_for(cfg: TrainConfig, dist: distributed.DistInfo | None) -> torch.dev
     return device
 
 
+def amp_for(cfg: TrainConfig, device: torch.device, dist: distributed.DistInfo | None) -> str:
+    """``--amp``, with ``auto`` resolved: ``bf16`` where ``device`` computes bf16 natively (on
+    every process, under torchrun), else ``none`` (float32)."""
+    if cfg.amp != "auto":
+        return cfg.amp
+    native = native_bf16(device)
+    if dist is not None:  # one precision for all replicas, or their weights would drift apart
+        flag = torch.tensor([1.0 if native else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        native = flag.item() == 1.0
+    return "bf16" if native else "none"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matrix arithmetic runs natively: CUDA GPUs with bf16 (Ampere and later),
+    CPUs with AMX or AVX512-BF16 (oneDNN's fast bf16 paths); elsewhere bf16 is emulated and slower
+    than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence getattr
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 def memory_format_for(device: torch.device) -> torch.memory_format:
     # channels_last is markedly faster for convolutions on the CPU (oneDNN).
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -297,9 +322,11 @@ def build_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     dist: distributed.DistInfo | None = None,
+    amp: str | None = None,
 ) -> SharpnessAwareStep:
     """The training step (DistributedDataParallel under torchrun); BatchNorm running statistics
-    come from the first pass, as in the seed."""
+    come from the first pass, as in the seed. ``amp``: the resolved ``--amp`` (see
+    :func:`amp_for`; resolved here when not given)."""
     step_model: nn.Module = model
     if dist is not None:
         step_model = nn.parallel.DistributedDataParallel(
@@ -311,7 +338,7 @@ def build_step(
         build_loss(cfg, list(model.parameters())),
         m=cfg.sam_m if cfg.sharpness_aware else None,
         max_grad_norm=cfg.gradient_clipping or None,
-        amp=cfg.amp,
+        amp=amp if amp is not None else amp_for(cfg, device, dist),
         bn_stats="first",
         sync_perturbations=cfg.sync_perturbations,
     )

@@ -205,10 +205,13 @@ class TrainConfig:
     fsam_sigma: float = _optimizer_option("fsam", "sigma", OPTIMISATION, metavar="SIGMA")
     fsam_lambda: float = _optimizer_option("fsam", "lmbda", OPTIMISATION, metavar="LAMBDA")
     amp: str = _setting(
-        "none",
-        "mixed precision (fp16 with a gradient scaler)",
+        "auto",
+        "mixed precision: auto = bf16 autocast where the device computes bf16 natively (CPUs "
+        "with AMX or AVX512-BF16, CUDA GPUs with bf16), float32 elsewhere (the choice is printed "
+        "and in config.json as amp_resolved); none = float32; fp16 with a gradient scaler",
         OPTIMISATION,
-        choices=("none", "bf16", "fp16"),
+        choices=("auto", "none", "bf16", "fp16"),
+        seed_default="none",
     )
     sync_perturbations: bool = _setting(
         False,

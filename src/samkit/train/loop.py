@@ -142,7 +142,8 @@ def _train(
         )
     model, sync_bn_layers = build.build_model(cfg, data.info, device, dist, log)
     optimizer = build.build_optimizer(cfg, list(model.parameters()))
-    step_fn = build.build_step(cfg, model, optimizer, device, dist)
+    amp = build.amp_for(cfg, device, dist)
+    step_fn = build.build_step(cfg, model, optimizer, device, dist, amp=amp)
     train_loader, eval_loader = build.build_loaders(cfg, data, device, dist)
     schedule = CosineSchedule(optimizer, cfg.learning_rate, cfg.num_epochs * len(train_loader))
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -428,10 +429,17 @@ def config_record(run: Run, data: build.Data, sync_bn_layers: int) -> dict[str, 
         "num_parameters": sum(p.numel() for p in run.model.parameters()),
         "sync_bn_layers": sync_bn_layers,
         "memory_format": "channels_last" if memory_format == torch.channels_last else "contiguous",
+        "amp_resolved": precision(run),
         "versions": records.versions(),
         "device_info": records.device_info(run.device),
         "command": sys.argv,
     }
+
+
+def precision(run: Run) -> str:
+    """What ``--amp`` resolved to: ``none`` (float32), ``bf16`` or ``fp16``."""
+    names = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names[run.step_fn.amp_dtype]
 
 
 def start_line(run: Run, data: build.Data, state: RunState, sync_bn_layers: int) -> str:
@@ -453,6 +461,12 @@ def start_line(run: Run, data: build.Data, state: RunState, sync_bn_layers: int)
         f"samkit train: {cfg.model_name} ({num_params:,} parameters), "
         f"{build.describe_optimizer(cfg)}, {cfg.dataset}: {len(data.train):,} train / "
         f"{len(data.eval):,} {'test' if cfg.use_test_set else 'holdout'} images, "
-        f"{cfg.num_epochs} epochs x {steps} steps, device {run.device}, "
+        f"{cfg.num_epochs} epochs x {steps} steps, device {run.device}, {precision_text(run)}, "
         f"threads {torch.get_num_threads()}{processes}; {where}; run dir {run.run_dir}"
     )
+
+
+def precision_text(run: Run) -> str:
+    """``bf16 autocast (--amp auto)``, ``float32``, ..."""
+    text = {"none": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[precision(run)]
+    return text + " (--amp auto)" if run.cfg.amp == "auto" else text
