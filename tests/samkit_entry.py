@@ -14,7 +14,8 @@ Events, for tests that must stop a run at a known point (deterministic on any ma
     the same before the first evaluation (the signal arrives while the run evaluates).
 ``--pause-at STEP:FILE``
     rank 0 creates FILE right after step STEP and waits there until it receives a stop signal (or
-    is killed): the test waits for FILE, then signals or kills the job, which is at step STEP.
+    is killed): the test waits for FILE, then signals or kills the job, which is at step STEP. A
+    run that finds FILE there already goes on: of several runs (a sweep's cells) one pauses.
 ``--fail-at RANK:STEP``
     raise in torchrun rank RANK before its step STEP.
 
@@ -34,7 +35,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
 
@@ -107,9 +107,15 @@ def hooks_from(argv: list[str]) -> tuple[TrainHooks, list[str]]:
         at, _, marker = options["--pause-at"].partition(":")
 
         def pause(step: int) -> None:
-            if step == int(at):
-                Path(marker).write_text(f"paused after step {step}\n")
-                wait_for_stop_signal()
+            if step != int(at):
+                return
+            try:  # the first run to get here pauses
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return
+            os.write(fd, f"{os.getpid()} paused after step {step}\n".encode())
+            os.close(fd)
+            wait_for_stop_signal()
 
         after.append(pause)
     if "--eval-delay" in options:

@@ -79,23 +79,22 @@ def _processes_naming(marker: str) -> list[int]:
 )
 def test_sigkill_mid_sweep_loses_nothing_and_repeats_nothing(fmnist_dir, tmp_path):
     out = tmp_path / "sw"
-    slow = f"{sys.executable} {ENTRY} --step-delay 0.3"
+    # The first cell to finish step 5 pauses there (its checkpoints written) until killed; the
+    # other worker runs the three other cells to the end. Then the sweep is killed.
+    paused = tmp_path / "paused"
+    pausing = f"{sys.executable} {ENTRY} --pause-at 5:{paused}"
     every_step = ["--set", "num_epochs=3", "--set", "save_progress_seconds=0", "--workers", "2"]
-    argv = sweep_argv(fmnist_dir, out, *every_step, "--train-command", slow)
+    argv = sweep_argv(fmnist_dir, out, *every_step, "--train-command", pausing)
     proc = subprocess.Popen([sys.executable, "-m", "samkit", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 600  # generous: only a hung sweep should reach it
-        # Kill once some cell has finished and another is mid-run (it has a checkpoint).
-        while True:
+        while not (paused.exists() and len(list(out.glob("*/seed_*/summary.json"))) == 3):
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "the sweep made no progress"
-            finished = list(out.glob("*/seed_*/summary.json"))
-            started = [c.parent.parent for c in out.glob("*/seed_*/checkpoints/ckpt-*.pt")]
-            mid_run = [r for r in started if not (r / "summary.json").exists()]
-            if finished and mid_run:
-                break
             time.sleep(0.05)
+        started = [c.parent.parent for c in out.glob("*/seed_*/checkpoints/ckpt-*.pt")]
+        assert [r for r in started if not (r / "summary.json").exists()]  # one cell mid-run
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
