@@ -53,6 +53,7 @@ from samkit.train.build import amp_for, native_bf16
 from samkit.train.config import TrainConfig
 from samkit.train.hooks import TrainHooks
 from samkit.train.loop import train
+from samkit.train.records import cpu_model
 
 MODEL, BATCH = "resnet_small", 128
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,16 +127,6 @@ def loop_images_per_sec(
         )
         train(cfg, log=lambda msg: None, hooks=TrainHooks(after_step=after_step))
     return BATCH * steps / (times[warmup + steps] - times[warmup])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

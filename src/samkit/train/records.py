@@ -47,9 +47,20 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info["cuda_device_name"] = torch.cuda.get_device_name(device)
         info["cuda_version"] = torch.version.cuda
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = cpu_model()
         info["cpu_count"] = os.cpu_count()
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``AMD EPYC 9B14``), from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class Scalars:
