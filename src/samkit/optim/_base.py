@@ -13,8 +13,13 @@ from torch.optim import Optimizer
 
 from samkit.optim import _functional as F
 from samkit.optim import numerics
+from samkit.optim._flat import FlatStore, StepPlan
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+#: Plans kept for reuse: the first and second pass usually have the same parameters (one plan);
+#: a few more cover alternating sets without letting ESAM's random subsets pile up.
+MAX_PLANS = 4
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -81,12 +86,13 @@ class SharpnessAwareOptimizer(Optimizer):
         self._keys: tuple[dict[Tensor, Any], dict[Any, torch.device]] | None = None
         self.skipped_steps = 0
         self.last_grad_norm: Tensor | None = None
-        self._backup: dict[Tensor, Tensor] = {}
+        self._store = FlatStore()  # the clean weights while perturbed (w + e)
+        self._plans: dict[tuple[int, ...], StepPlan] = {}
         self._clean: dict[
             Tensor, Tensor
         ] = {}  # first-pass gradients, for the variants that keep them
         self._clean_params: set[Tensor] = set()
-        self._perturbed: list[tuple[dict[str, Any], list[Tensor]]] = []
+        self._perturbed: StepPlan | None = None  # the parameters now at w + e
         self._failed_pass: str | None = None
         self._awaiting_second_step = False  # first_step ran, second_step not yet
 
@@ -96,7 +102,7 @@ class SharpnessAwareOptimizer(Optimizer):
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
-        self._keys = None
+        self._keys, self._plans = None, {}
 
     def _foreach(self, tensors: list[Tensor]) -> bool:
         use = True if self.foreach is None else self.foreach
@@ -114,21 +120,46 @@ class SharpnessAwareOptimizer(Optimizer):
         self.unperturb()
         self._failed_pass = self._failed_pass or reason
 
-    def _save_clean(self, params: list[Tensor], foreach: bool) -> None:
-        shards = [numerics.local(p) for p in params]  # all arithmetic is on this rank's shard
-        for p, shard in zip(params, shards):
-            if p not in self._backup or self._backup[p].shape != shard.shape:
-                self._backup[p] = torch.empty_like(shard, memory_format=torch.preserve_format)
-        F.copy_([self._backup[p] for p in params], shards, foreach=foreach)
+    def _plan(self) -> StepPlan:
+        """The parameters that have a gradient now, per param group (see ``_flat.StepPlan``).
+
+        On the foreach path the plan is reused while the same parameters have gradients; with
+        ``foreach=False`` it is made afresh at every pass, the per-tensor reference path."""
+        groups, ids = [], []
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if params:
+                groups.append((g, params))
+                ids += (id(g), len(params), *map(id, params))
+        if self.foreach is False:
+            return StepPlan(groups, self._reduce_keys(), self._store, fast=False)
+        key = tuple(ids)  # the plan holds these objects, so their ids stay theirs while cached
+        plan = self._plans.get(key)
+        if plan is None or not plan.valid():
+            plan = StepPlan(groups, self._reduce_keys(), self._store)
+            if not plan.dtensor:  # DTensor shards are re-read at every step
+                if len(self._plans) >= MAX_PLANS:
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[key] = plan
+        return plan
+
+    def _plan_foreach(self, plan: StepPlan) -> bool:
+        """Multi-tensor kernels for this plan's tensors (as ``_foreach``, decided once)."""
+        return self.foreach is not False and plan.dense and bool(plan.params)
+
+    def _save_clean(self, plan: StepPlan, foreach: bool) -> None:
+        generation = self._store.generation
+        plan.save(foreach)
+        if self._store.generation != generation:  # the backup buffers were reallocated:
+            # other plans' views point into the old ones; let them go (they will re-read theirs)
+            self._plans = {k: v for k, v in self._plans.items() if v is plan}
 
     @torch.no_grad()
     def unperturb(self) -> None:
         """Restore, in place, exactly the tensors that were perturbed (no-op when none)."""
-        params = [p for _, ps in self._perturbed for p in ps]
-        if params:
-            shards = [numerics.local(p) for p in params]
-            F.copy_(shards, [self._backup[p] for p in params], foreach=self._foreach(shards))
-        self._perturbed = []
+        plan, self._perturbed = self._perturbed, None
+        if plan is not None and plan.params:
+            plan.restore(self._plan_foreach(plan))
 
     # -- hooks of the SAM family (see samkit.optim.sam): each variant overrides one or two ------
 
@@ -177,13 +208,13 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _local_grads(self) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters that have a gradient, and this rank's shard of each gradient."""
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return params, [numerics.local(p.grad) for p in params]
+        plan = self._plan()
+        return plan.params, plan.grads()
 
     def grad_norm(self) -> Tensor:
         """Global L2 norm (float32 at least) of the current gradients of all parameters."""
-        params, grads = self._local_grads()
-        return self._global_norm(grads, params, self._foreach(grads))
+        plan = self._plan()
+        return plan.norm(plan.grads(), self._plan_foreach(plan), torch.float32)
 
     def _reduce_keys(self) -> tuple[dict[Tensor, Any], dict[Any, torch.device]]:
         """Which process groups each parameter's norm (or dot product) is summed over."""
@@ -191,26 +222,6 @@ class SharpnessAwareOptimizer(Optimizer):
             params_all = [p for g in self.param_groups for p in g["params"]]
             self._keys = numerics.reduce_keys(params_all, self.shard_group)
         return self._keys
-
-    def _norm_value(
-        self, tensors: list[Tensor], params: list[Tensor], foreach: bool
-    ) -> tuple[Tensor, float]:
-        """The global norm and its value (recomputed in float64 if float32 overflows)."""
-        return numerics.norm_value(
-            lambda dtype: self._global_norm(tensors, params, foreach, dtype=dtype)
-        )
-
-    def _global_norm(
-        self,
-        tensors: list[Tensor],
-        params: list[Tensor],
-        foreach: bool,
-        dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        """L2 norm of ``tensors`` (local, one per ``params[i]``), over all shards when sharded."""
-        key_of, devices = self._reduce_keys()
-        keys = [key_of[p] for p in params]
-        return numerics.global_norm(tensors, keys, devices, foreach=foreach, dtype=dtype)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, max_grad_norm: float | None = None) -> bool:
@@ -229,12 +240,13 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         self.unperturb()
         self._awaiting_second_step = False
-        params, grads = self._local_grads()
-        _refuse_sparse(params)
+        plan = self._plan()
+        _refuse_sparse(plan.params)
+        grads = plan.grads()
         if self._failed_pass is None:
-            self._combine_gradients(params, grads)
-        foreach = self._foreach(grads)
-        grad_norm, norm_value = self._norm_value(grads, params, foreach)  # the one sync
+            self._combine_gradients(plan.params, grads)
+        foreach = self._plan_foreach(plan)
+        grad_norm, norm_value = plan.norm_value(grads, foreach)  # the one sync
         self.last_grad_norm = grad_norm
         failed_pass, self._failed_pass = self._failed_pass, None
         took = numerics.guarded_step(
@@ -269,7 +281,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self._keys = None
+        self._keys, self._plans = None, {}
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
 
@@ -290,12 +302,18 @@ def check_sam_arguments(
 
 
 def _refuse_sparse(params: list[Tensor]) -> None:
+    if not any(map(_has_sparse_grad, params)):  # the usual case, without a Python loop
+        return
     for i, p in enumerate(params):
         if p.grad is not None and p.grad.is_sparse:
             raise ValueError(
                 f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient: sharpness-aware "
                 "optimizers need dense gradients (e.g. nn.Embedding(..., sparse=False))"
             )
+
+
+def _has_sparse_grad(p: Tensor) -> bool:
+    return p.grad is not None and p.grad.is_sparse
 
 
 def _as_groups(params: ParamsT) -> list[dict[str, Any]]:

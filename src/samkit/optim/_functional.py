@@ -32,6 +32,19 @@ def global_norm(
     return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), 2)
 
 
+def uniform_norm(
+    tensors: list[Tensor], *, foreach: bool, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """:func:`global_norm` of non-empty ``tensors`` that share one dtype and device (the caller
+    knows): the same kernels in the same order, without regrouping them tensor by tensor."""
+    dtype = torch.promote_types(tensors[0].dtype, dtype)
+    if foreach:
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
 def mul(tensors: list[Tensor], others: list[Tensor], *, foreach: bool) -> list[Tensor]:
     if foreach:
         return list(torch._foreach_mul(tensors, others))

@@ -32,7 +32,6 @@ from samkit.optim._base import (
     _refuse_sparse,
     check_sam_arguments,
 )
-from samkit.optim.numerics import local
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -84,12 +83,10 @@ class SAM(SharpnessAwareOptimizer):
         """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite."""
         self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
         self._failed_pass, self._awaiting_second_step = None, True
-        self._perturbed = [
-            (g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups
-        ]
-        _refuse_sparse([p for _, ps in self._perturbed for p in ps])
+        self._perturbed = plan = self._plan()  # the parameters with a gradient, per group
+        _refuse_sparse(plan.params)
         if self.stores_clean_gradient:  # GSAM, WSAM: the update combines g with grad L(w + e)
-            self._store_clean_grads(*self._local_grads())
+            self._store_clean_grads(plan.params, plan.grads())
         ok = self._ascend(first=True, rho_factor=self._rho_factor())
         if zero_grad:
             self.zero_grad()
@@ -109,31 +106,33 @@ class SAM(SharpnessAwareOptimizer):
         return 1.0  # ESAM rescales its stochastic perturbation by 1/beta
 
     def _ascend(self, first: bool, rho_factor: float) -> bool:
-        groups = [(g, ps) for g, ps in self._perturbed if ps]
-        all_params = [p for _, ps in groups for p in ps]
-        fe = self._foreach(all_params)
-        # per group: the tensors to move (under FSDP this rank's shards; norms sum over them),
-        # T (or None) and T g (or g)
-        shard_groups, scalings, directions = [], [], []
-        for group, params in groups:
-            shards = [local(p) for p in params]
-            shard_groups.append(shards)
-            clean = shards if first else [self._backup[p] for p in params]
-            grads = [
-                local(p.grad) if p.grad is not None else torch.zeros_like(s)
-                for p, s in zip(params, shards)
-            ]
-            if first:
-                grads = self._ascent_gradients(params, grads)
-            t = F.abs_plus(clean, group["adaptive_eta"], foreach=fe) if group["adaptive"] else None
+        plan = self._perturbed
+        if plan is None or not plan.params:  # no gradient anywhere: e = 0
+            self._ascent_y = []
+            return True
+        fe = self._plan_foreach(plan)
+        # the tensors to move (under FSDP this rank's shards; norms sum over them) and, per
+        # group, T (or None) and T g (or g)
+        shards = plan.shards()
+        clean = shards if first else plan.backups()
+        grads = plan.grads(zeros_for_missing=not first)
+        if first:
+            grads = self._ascent_gradients(plan.params, grads)
+        scalings, directions = [], []
+        for (group, _), span in zip(plan.groups, plan.spans):
+            t = (
+                F.abs_plus(clean[span], group["adaptive_eta"], foreach=fe)
+                if group["adaptive"]
+                else None
+            )
             scalings.append(t)
-            directions.append(grads if t is None else F.mul(t, grads, foreach=fe))
+            directions.append(grads[span] if t is None else F.mul(t, grads[span], foreach=fe))
         flat_directions = [u for us in directions for u in us]
-        _, grad_norm = self._norm_value(flat_directions, all_params, fe)  # the one sync
+        _, grad_norm = plan.norm_value(flat_directions, fe)  # the one sync
         if not math.isfinite(grad_norm):
             self._failed_pass = self._failed_pass or ("first" if first else "ascent")
             if first:
-                self._perturbed = []  # nothing has moved yet; the backups are stale
+                self._perturbed = None  # nothing has moved yet; the backups are stale
             else:
                 self.unperturb()
             return False
@@ -142,7 +141,7 @@ class SAM(SharpnessAwareOptimizer):
         else:
             coef, base = 1.0, [F.sign(us, foreach=fe) for us in directions]
         if first:
-            self._save_clean(all_params, fe)
+            self._save_clean(plan, fe)
             if self.ascent_steps > 1:
                 coef, base = 1.0, [F.scaled(us, coef, foreach=fe) for us in base]
         else:  # projected ascent in the scaled coordinates, back onto the unit ball
@@ -151,20 +150,19 @@ class SAM(SharpnessAwareOptimizer):
             coef, base = 1.0, self._ascent_y
             flat = [y for ys in base for y in ys]
             if self.norm == 2.0:
-                y_norm = self._global_norm(flat, all_params, fe).item()
+                y_norm = plan.norm(flat, fe, torch.float32).item()
                 if y_norm > 1.0:
                     F.scale_(flat, 1.0 / y_norm, foreach=fe)
             else:
                 for y in flat:
                     y.clamp_(-1.0, 1.0)
-            all_shards = [t for ts in shard_groups for t in ts]
-            F.copy_(all_shards, [self._backup[p] for p in all_params], foreach=fe)
-        for (group, _), shards, t, us in zip(groups, shard_groups, scalings, base):
+            plan.restore(fe)
+        for (group, _), span, t, us in zip(plan.groups, plan.spans, scalings, base):
             rho = self._group_rho(group) * rho_factor * coef
             if t is None:
-                F.add_(shards, us, alpha=rho, foreach=fe)
+                F.add_(shards[span], us, alpha=rho, foreach=fe)
             else:  # e = rho T y: for p = 2 that is rho T^2 g / ||T g||
-                F.addcmul_(shards, t, us, value=rho, foreach=fe)
+                F.addcmul_(shards[span], t, us, value=rho, foreach=fe)
         self._ascent_y = base if self.ascent_steps > 1 else []
         return True
 
