@@ -5,7 +5,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/overhead.py                 # full run, a few minutes on 2 cores
     .venv/bin/python benchmarks/overhead.py --quick         # smoke run, well under a minute
 
-Three models, each on a fixed synthetic batch (data loading is not measured):
+Three models for whole training steps, each on a fixed synthetic batch (data loading is not
+measured):
 
 * ``small_cnn``: four 3x3 conv + BatchNorm + ReLU layers (16-32-64-128 channels, strides
   1-2-2-1), global average pooling and a linear head; 28x28x1 input; ~99k parameters in 14 tensors.
@@ -21,8 +22,21 @@ Three models, each on a fixed synthetic batch (data loading is not measured):
   of 128 takes tens of seconds per step on 2 CPU cores; the optimizer's cost per step does not
   depend on the batch, so its share only shrinks with a larger one.)
 
-Variants (each owns its own copy of the model, same initial weights; lr 0.01, momentum 0.9, no
-weight decay, base optimizer ``torch.optim.SGD`` with its defaults):
+and a fourth case, ``many_tensors`` (issue 14), that times the optimizer calls alone:
+
+* ``many_tensors``: 60 x (Linear(64, 64), Tanh) and a bias-free Linear(64, 10) head, 121 tensors
+  of at most 4,096 elements, batch 8. Variants ``loop_sam`` (davda54/sam's algorithm, a Python
+  loop over the tensors, re-written here from its description: ``PerTensorLoopSAM``), ``sam``
+  and ``sam_no_foreach``, all around the same ``torch.optim.SGD(momentum=0.9)``. Timed: only
+  ``first_step(zero_grad=True)`` + ``second_step(zero_grad=True)`` (wall and this thread's CPU
+  time), and inside them the base SGD step, so "own" = optimizer - base step is each
+  implementation's own work. Twice: ``in_step``, in real training steps (forward and backward
+  between the calls, untimed), and ``hot``, the two calls back to back on fixed gradients (the
+  code path's cost with warm caches). Rounds interleave the variants in rotated order; ratios
+  are medians of per-round ratios.
+
+Variants of the other three (each owns its own copy of the model, same initial weights; lr 0.01,
+momentum 0.9, no weight decay, base optimizer ``torch.optim.SGD`` with its defaults):
 
 * ``sgd``: zero_grad, one forward + backward, ``SGD.step()``.
 * ``fwd_bwd_1x`` / ``fwd_bwd_2x``: one / two forward + backward passes, no optimizer; gradients
@@ -564,6 +578,305 @@ def sam_breakdown(
     }
 
 
+# -- many small tensors: optimizer-only time against a per-tensor loop ---------------------------
+
+#: The many-tensor case (issue 14): 60 x Linear(64, 64) + Tanh and a bias-free Linear(64, 10)
+#: head, 121 parameter tensors of at most 4,096 elements, batch 8: the optimizer's fixed cost per
+#: tensor dominates, as in a transformer's hundreds of small tensors (norms, biases).
+MANY_LAYERS, MANY_WIDTH, MANY_BATCH = 60, 64, 8
+MANY_VARIANTS: dict[str, str] = {
+    "loop_sam": "davda54/sam's algorithm, a Python loop over tensors (written here from it)",
+    "sam": "samkit SAM, foreach default (on)",
+    "sam_no_foreach": "samkit SAM(foreach=False), the per-tensor reference path",
+}
+# (rounds, timed steps per sample, untimed steps before each sample, warm-up steps)
+MANY_TIMING, MANY_QUICK_TIMING = (30, 10, 2, 20), (3, 3, 1, 2)
+MANY_BUDGET_S, MANY_QUICK_BUDGET_S = 120.0, 5.0
+TARGETS["many_tensor_sam_over_loop"] = 0.3  # optimizer-only time, samkit SAM / per-tensor loop
+
+
+def many_tensor_mlp() -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(MANY_LAYERS):
+        layers += [nn.Linear(MANY_WIDTH, MANY_WIDTH), nn.Tanh()]
+    layers.append(nn.Linear(MANY_WIDTH, 10, bias=False))
+    return nn.Sequential(*layers)
+
+
+class PerTensorLoopSAM:
+    """SAM as davda54/sam (github.com/davda54/sam, ``sam.py``) computes it, re-written here from
+    its published algorithm, not copied, for the many-tensor comparison (non-adaptive case):
+
+    * ``first_step``: ``||g||`` = the 2-norm of the stack of the per-tensor gradient norms;
+      ``scale = rho / (||g|| + 1e-12)``; for each parameter with a gradient, in a Python loop:
+      keep a clone of its weights in this optimizer's state, then ``p.add_(p.grad * scale)``.
+    * ``second_step``: for each such parameter ``p.data = old_p`` (the clone becomes the weights),
+      then the base optimizer's step.
+
+    The original also multiplies each gradient by ``1.0`` in the norm and in ``e_w`` (a copy per
+    tensor, for its adaptive variant); that is left out, so this loop is if anything faster than
+    the original. No non-finite check, no exact in-place restore: the cost of those is samkit's.
+    """
+
+    def __init__(self, params: list[Tensor], rho: float, **base_kwargs: Any) -> None:
+        self.params, self.rho = params, rho
+        self.base_optimizer = torch.optim.SGD(params, **base_kwargs)
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        with_grad = [p for p in self.params if p.grad is not None]
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in with_grad]), p=2)
+        scale = self.rho / (norm + 1e-12)
+        for p in with_grad:
+            self.state.setdefault(p, {})["old_p"] = p.data.clone()
+            p.add_(p.grad * scale.to(p))
+        if zero_grad:
+            self.base_optimizer.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        for p in self.params:
+            if p.grad is not None and p in self.state:
+                p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.base_optimizer.zero_grad()
+
+
+class OptimizerClock:
+    """Wall and on-CPU (this thread) time of the optimizer calls of a step, and of the base
+    optimizer's step inside them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.wall = self.cpu = self.base_wall = self.base_cpu = 0.0
+
+    def call(self, fn: Callable[[], Any], base: bool = False) -> Any:
+        """Run ``fn``, adding its time to the optimizer total (or, nested inside it, to the base
+        step's: ``base``)."""
+        sync(self.device)
+        w0, c0 = time.perf_counter(), time.thread_time()
+        out = fn()
+        sync(self.device)
+        w, c = time.perf_counter() - w0, time.thread_time() - c0
+        if base:
+            self.base_wall += w
+            self.base_cpu += c
+        else:
+            self.wall += w
+            self.cpu += c
+        return out
+
+    def wrap_base(self, opt: Any) -> None:
+        step = opt.step
+        opt.step = lambda *a, **k: self.call(lambda: step(*a, **k), base=True)
+
+
+def many_optimizer(name: str, params: list[Tensor]) -> Any:
+    if name == "loop_sam":
+        return PerTensorLoopSAM(params, RHO, lr=LR, momentum=MOMENTUM)
+    foreach = False if name == "sam_no_foreach" else None
+    return SAM(params, torch.optim.SGD, rho=RHO, foreach=foreach, lr=LR, momentum=MOMENTUM)
+
+
+def make_many_variant(
+    name: str, template: nn.Module, x: Tensor, y: Tensor, clock: OptimizerClock, hot: bool
+) -> Callable[[], None]:
+    """One step of ``name`` on its own copy of the model; only the two optimizer calls (and the
+    base step within them) are clocked, not the forward and backward passes.
+
+    ``hot``: no forward or backward at all, the two calls back to back on fixed gradients, so
+    the optimizer finds its code and data in the caches (what its own code path costs); else a
+    real training step, where the forward and backward passes have evicted them in between."""
+    model = copy.deepcopy(template)
+    params = list(model.parameters())
+    opt = many_optimizer(name, params)
+    clock.wrap_base(opt.base_optimizer)
+    if hot:
+        gen = torch.Generator().manual_seed(1)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(p)
+
+        def hot_step() -> None:
+            clock.call(opt.first_step)
+            clock.call(opt.second_step)
+
+        return hot_step
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        clock.call(lambda: opt.first_step(zero_grad=True))
+        F.cross_entropy(model(x), y).backward()
+        clock.call(lambda: opt.second_step(zero_grad=True))
+
+    return step
+
+
+def run_many_tensors(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Optimizer-only ms per step (first_step + second_step; the base SGD step inside them also
+    reported on its own) of samkit's SAM and the per-tensor loop, in a training step and hot."""
+    torch.manual_seed(0)
+    template = many_tensor_mlp().to(device)
+    x = torch.randn(MANY_BATCH, MANY_WIDTH, device=device)
+    y = torch.randint(0, 10, (MANY_BATCH,), device=device)
+    timing = MANY_QUICK_TIMING if args.quick else MANY_TIMING
+    budget = args.budget or (MANY_QUICK_BUDGET_S if args.quick else MANY_BUDGET_S)
+    res: dict[str, Any] = {
+        "model": {
+            **describe(template, x),
+            "architecture": f"{MANY_LAYERS} x (Linear({MANY_WIDTH}, {MANY_WIDTH}), Tanh), "
+            f"Linear({MANY_WIDTH}, 10, bias=False)",
+        },
+        "what": "ms per step of first_step(zero_grad=True) + second_step(zero_grad=True), "
+        "forward and backward excluded; base_step: the SGD(momentum) step inside second_step, "
+        "the same torch.optim.SGD (CPU default: per-tensor) in every variant; own = optimizer - "
+        "base_step. in_step: in real training steps (forward and backward between the calls); "
+        "hot: the two calls back to back on fixed gradients (no zero_grad). Ratios are medians "
+        "over rounds of per-round ratios (same round, same machine state).",
+    }
+    for context in ("in_step", "hot"):
+        print(f"[many_tensors] {context} ...", flush=True)
+        res[context] = _time_many(template, x, y, context == "hot", timing, budget, args, device)
+    value = res["in_step"]["paired_ratios"]["sam_over_loop_sam"]["optimizer"]
+    limit = TARGETS["many_tensor_sam_over_loop"]
+    res["targets"] = [
+        {
+            "name": "SAM / per-tensor loop, optimizer-only time in a training step (many tensors)",
+            "value": value,
+            "limit": limit,
+            "met": bool(value <= limit),
+            "conclusive": res["in_step"]["basis"] == "quiet",
+        }
+    ]
+    return res
+
+
+def _time_many(
+    template: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    hot: bool,
+    timing: tuple[int, int, int, int],
+    budget: float,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Interleaved rounds (rotated order) of every many-tensor variant; per-variant medians and
+    per-round paired ratios against the loop, over the quiet rounds when there are enough."""
+    rounds, per_sample, round_warmup, warmup = timing
+    rounds = args.repeats or rounds
+    names = list(MANY_VARIANTS)
+    clocks = {n: OptimizerClock(device) for n in names}
+    steps = {n: make_many_variant(n, template, x, y, clocks[n], hot) for n in names}
+    for n in names:
+        for _ in range(warmup):
+            steps[n]()
+    keys = ("wall", "cpu", "base_wall", "base_cpu")
+    samples: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in names}
+    stall: dict[str, list[float | None]] = {n: [] for n in names}
+
+    def quiet_rounds() -> list[int]:
+        return [
+            i
+            for i in range(len(stall[names[0]]))
+            if all(stall[n][i] is None or stall[n][i] <= args.quiet_threshold for n in names)
+        ]
+
+    t0, r = time.perf_counter(), 0
+    while r < rounds or (len(quiet_rounds()) < rounds and time.perf_counter() - t0 < budget):
+        for n in names[r % len(names) :] + names[: r % len(names)]:  # rotated: A B C, B C A, ...
+            for _ in range(round_warmup):
+                steps[n]()
+            clocks[n].reset()
+            with Window(device) as w:
+                for _ in range(per_sample):
+                    steps[n]()
+            for k in keys:
+                samples[n][k].append(getattr(clocks[n], k) * 1e3 / per_sample)
+            stall[n].append(w.stall)
+        r += 1
+    quiet = quiet_rounds()
+    idx, basis = (quiet, "quiet") if len(quiet) >= MIN_QUIET else (list(range(r)), "all")
+
+    def per_round(n: str, k: str, own: bool = False) -> list[float]:
+        """The optimizer calls' time per step in each round used (``own``: minus the base step,
+        which is timed inside them)."""
+        s = samples[n]
+        return [s[k][i] - (s["base_" + k][i] if own else 0.0) for i in idx]
+
+    def paired(a: str, k: str, own: bool = False) -> float:
+        pairs = zip(per_round(a, k, own), per_round("loop_sam", k, own))
+        return statistics.median(mine / loop for mine, loop in pairs)
+
+    variants = {
+        n: {
+            "description": MANY_VARIANTS[n],
+            "optimizer_ms": statistics.median(per_round(n, "wall")),
+            "optimizer_cpu_ms": statistics.median(per_round(n, "cpu")),
+            "base_step_ms": statistics.median(per_round(n, "base_wall")),
+            "own_ms": statistics.median(per_round(n, "wall", own=True)),
+            "own_cpu_ms": statistics.median(per_round(n, "cpu", own=True)),
+            "samples_ms": samples[n],
+            "samples_cpu_wait_fraction": stall[n],
+        }
+        for n in names
+    }
+    ratios = {
+        f"{a}_over_loop_sam": {
+            "optimizer": paired(a, "wall"),
+            "optimizer_cpu": paired(a, "cpu"),
+            "own": paired(a, "wall", own=True),
+            "own_cpu": paired(a, "cpu", own=True),
+        }
+        for a in ("sam", "sam_no_foreach")
+    }
+    return {
+        "variants": variants,
+        "paired_ratios": ratios,
+        "basis": basis,
+        "rounds": r,
+        "quiet_rounds": len(quiet),
+        "steps_per_sample": per_sample,
+    }
+
+
+def print_many_table(res: dict[str, Any]) -> None:
+    d = res["model"]
+    print(
+        f"\n== many_tensors: {d['architecture']}: {d['parameter_tensors']} tensors, "
+        f"{d['parameters']:,} params, batch {d['batch_size']}; optimizer calls only"
+    )
+    for context in ("in_step", "hot"):
+        c = res[context]
+        print(
+            f"-- {context}: {c['rounds']} rounds ({c['quiet_rounds']} quiet) x "
+            f"{c['steps_per_sample']} steps; statistics over {c['basis']} rounds"
+        )
+        print(
+            f"{'variant':<15} {'optimizer ms':>12} {'cpu ms':>7} {'base step ms':>12} "
+            f"{'own ms':>7} {'own cpu ms':>10}  description"
+        )
+        for n, v in c["variants"].items():
+            print(
+                f"{n:<15} {v['optimizer_ms']:>12.3f} {v['optimizer_cpu_ms']:>7.3f} "
+                f"{v['base_step_ms']:>12.3f} {v['own_ms']:>7.3f} {v['own_cpu_ms']:>10.3f}  "
+                f"{v['description']}"
+            )
+        for name, r in c["paired_ratios"].items():
+            print(
+                f"{name} (paired): optimizer {r['optimizer']:.3f} (cpu {r['optimizer_cpu']:.3f});"
+                f" without the base step {r['own']:.3f} (cpu {r['own_cpu']:.3f})"
+            )
+    for tg in res["targets"]:
+        status = "PASS" if tg["met"] else "FAIL"
+        note = "" if tg["conclusive"] else " (contended run: not conclusive)"
+        print(f"target {tg['name']}: {tg['value']:.3f} <= {tg['limit']} -> {status}{note}")
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 
@@ -698,6 +1011,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
+    except OSError:
+        pass
+    try:  # lscpu adds what a VM's bare "AMD EPYC" leaves out (family / model, caches)
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        wanted = ("Model name", "CPU family", "Model", "Thread(s) per core", "L2 cache", "L3 cache")
+        info["lscpu"] = {k: fields[k].strip() for k in wanted if k in fields}
     except OSError:
         pass
     if device.type == "cuda":
@@ -897,8 +1217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=str(ROOT / "benchmarks/results/overhead.json"))
     p.add_argument(
         "--models",
-        default="small_cnn,mlp_30m,wrn_28_10",
-        help="comma-separated subset of small_cnn,mlp_30m,wrn_28_10",
+        default="many_tensors,small_cnn,mlp_30m,wrn_28_10",
+        help="comma-separated subset of many_tensors,small_cnn,mlp_30m,wrn_28_10",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
@@ -973,6 +1293,11 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     for model_name in models:
+        if model_name == "many_tensors":  # optimizer-only timing against a per-tensor loop
+            res = run_many_tensors(args, device)
+            result["models"][model_name] = res
+            print_many_table(res)
+            continue
         template, x, y = build(model_name, args.quick, device)
         repeats, per_sample, round_warmup, warmup = (
             QUICK_TIMING if args.quick else TIMING[model_name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from samkit.optim import numerics
 from samkit.optim._flat import FlatStore, StepPlan
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+_grad_is_sparse = attrgetter("grad.is_sparse")
 
 #: Plans kept for reuse: the first and second pass usually have the same parameters (one plan);
 #: a few more cover alternating sets without letting ESAM's random subsets pile up.
@@ -302,7 +304,8 @@ def check_sam_arguments(
 
 
 def _refuse_sparse(params: list[Tensor]) -> None:
-    if not any(map(_has_sparse_grad, params)):  # the usual case, without a Python loop
+    """ValueError if a parameter of ``params`` (all with a gradient) has a sparse one."""
+    if not any(map(_grad_is_sparse, params)):  # the usual case, without a Python-level loop
         return
     for i, p in enumerate(params):
         if p.grad is not None and p.grad.is_sparse:
@@ -310,10 +313,6 @@ def _refuse_sparse(params: list[Tensor]) -> None:
                 f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient: sharpness-aware "
                 "optimizers need dense gradients (e.g. nn.Embedding(..., sparse=False))"
             )
-
-
-def _has_sparse_grad(p: Tensor) -> bool:
-    return p.grad is not None and p.grad.is_sparse
 
 
 def _as_groups(params: ParamsT) -> list[dict[str, Any]]:

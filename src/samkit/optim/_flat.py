@@ -136,8 +136,9 @@ class StepPlan:
         self.sharded = any(self.devices)
         self._shards = None if self.dtensor else self.params
         self.uniform = not self.dtensor and len({(p.device, p.dtype) for p in self.params}) == 1
-        self._ptrs = [] if self.dtensor else [p.data_ptr() for p in self.params]
-        self._dtypes = list(map(_dtype, self.params))
+        reused = fast and not self.dtensor  # what valid() compares is only needed then
+        self._ptrs = list(map(Tensor.data_ptr, self.params)) if reused else []
+        self._dtypes = list(map(_dtype, self.params)) if reused else []
         self._store = store
         self._backups: list[Tensor] | None = None
         self._generation = -1
@@ -147,7 +148,8 @@ class StepPlan:
         """Still describes the parameters (none re-pointed to other storage or another dtype,
         e.g. by ``model.to(...)`` since the plan was made)."""
         return (
-            not self.dtensor
+            self.fast
+            and not self.dtensor
             and list(map(Tensor.data_ptr, self.params)) == self._ptrs
             and list(map(_dtype, self.params)) == self._dtypes
         )
