@@ -88,7 +88,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "coef, base = 1.0 / (grad_norm + self.eps), directions",
         "coef, base = 1.0 / grad_norm, directions",
         ("tests/optim/test_sam.py", T + "test_step.py"),
-        "SAM ignores eps in rho g / (||g|| + eps)",
+        "SAM ignores eps in rho g / (norm(g) + eps)",
     ),
     Mutation(
         "step-batchnorm-not-restored",
