@@ -77,8 +77,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "sam-perturbation-sign",
         "src/samkit/optim/sam.py",
-        "F.add_(shards, us, alpha=rho, foreach=fe)",
-        "F.add_(shards, us, alpha=-rho, foreach=fe)",
+        "F.add_(shards[span], us, alpha=rho, foreach=fe)",
+        "F.add_(shards[span], us, alpha=-rho, foreach=fe)",
         ("tests/optim/test_sam.py",),
         "SAM perturbs down the gradient (w - e)",
     ),
