@@ -119,8 +119,9 @@ def safe_load_pickle(path: str | os.PathLike[str]) -> Any:
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
     except Exception as e:  # truncated / corrupt: EOFError, UnpicklingError, ValueError, ...
+        reason = " ".join(str(e).split())  # one line: some pickle errors span two
         raise DataFormatError(
-            f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})"
+            f"{path}: truncated or corrupt pickle ({type(e).__name__}: {reason})"
         ) from e
 
 
@@ -132,11 +133,11 @@ def read_cifar_batch(
     obj = safe_load_pickle(path)
     if not isinstance(obj, dict):
         raise DataFormatError(f"{path}: expected a dict, found {type(obj).__name__}")
-    obj = {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
+    obj = {k.encode(errors="replace") if isinstance(k, str) else k: v for k, v in obj.items()}
     if b"data" not in obj or label_key not in obj:
         raise DataFormatError(
             f"{path}: missing key(s) {[k for k in (b'data', label_key) if k not in obj]}; "
-            f"found {sorted(obj)}"
+            f"found {sorted(obj, key=repr)}"  # keys of mixed types do not sort otherwise
         )
     data = obj[b"data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
@@ -147,7 +148,7 @@ def read_cifar_batch(
         )
     try:
         labels = np.asarray(obj[label_key], dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: beyond int64
         raise DataFormatError(f"{path}: {label_key!r} is not a list of integers") from e
     if labels.shape[0] != data.shape[0]:
         raise DataFormatError(

@@ -16,6 +16,7 @@ file's name instead of producing garbage tensors.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -144,7 +145,7 @@ def read_idx(
     if len(data) < header_len:
         raise IDXFormatError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header_len])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact: np.prod would wrap around in int64
     actual = len(data) - header_len
     if actual != expected:
         what = "truncated" if actual < expected else "has trailing bytes"
@@ -152,7 +153,10 @@ def read_idx(
             f"{path}: {what}: header shape {tuple(shape)} needs {expected} data bytes, "
             f"found {actual}"
         )
-    arr = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    try:
+        arr = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    except ValueError as e:  # no data, but dimensions past numpy's limit: (0, 2**32-1, 2**32-1)
+        raise IDXFormatError(f"{path}: header shape {tuple(shape)} is not an array ({e})") from e
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
