@@ -96,6 +96,7 @@ class Parser(argparse.ArgumentParser):
             message = f"argument {name}: " + message[match.end() :]
         if repeats_local_rank_zero():
             self.exit(2)
+        message = message.replace("\r", "\\r").replace("\n", "\\n")  # a word with a newline
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
