@@ -186,6 +186,8 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
     if args.seeds is not None:
         spec.seeds = list(args.seeds)
     if args.name is not None:
+        if not args.name.strip():
+            raise CommandError("--name: empty (the sweep's directory is sweeps/NAME)")
         spec.name = args.name
     if args.set or args.grid or args.seeds is not None:
         check_spec(spec)

@@ -185,8 +185,11 @@ def load_spec(path: str | Path) -> SweepSpec:
             f"{path}: unknown key {unknown[0]!r} (a spec has name, seeds, base, variants, grid, "
             "report)"
         )
+    name = str(data.get("name", path.stem))
+    if not name.strip() or "\0" in name:  # the sweep's directory is sweeps/NAME
+        raise SpecError(f"{path}: name {name!r} cannot name a directory")
     spec = SweepSpec(
-        name=str(data.get("name", path.stem)),
+        name=name,
         seeds=data.get("seeds", [0]),
         base=data.get("base", {}),
         variants=data.get("variants", []),
