@@ -64,7 +64,7 @@ def load_run_model(
     except Exception as exc:  # a hand-edited config: unknown keyword, wrong type or value, ...
         raise ValueError(
             f"{run_dir / CONFIG_FILE}: cannot build model {name!r} with model_kwargs "
-            f"{kwargs!r} ({type(exc).__name__}: {_first_line(exc)})"
+            f"{kwargs!r} ({type(exc).__name__}: {_one_line(exc)})"
         ) from None
     has_ema = state.get("ema") is not None
     if use_ema and not has_ema:
@@ -76,7 +76,7 @@ def load_run_model(
         try:
             model.load_state_dict(weights)
         except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
-            problem = _first_line(exc)
+            problem = _one_line(exc)
     if problem is not None:
         raise CheckpointError(f"{checkpoint}: weights do not fit model {name!r}: {problem}")
     if isinstance(map_location, (str, torch.device)):
@@ -163,8 +163,7 @@ def _fit_problem(model: nn.Module, weights: Any) -> str | None:
     return "; ".join(parts) or None
 
 
-def _first_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> str:
     """An exception's message on one line, cut short (load_state_dict's lists every key)."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
