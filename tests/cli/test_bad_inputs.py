@@ -16,12 +16,12 @@ import gzip
 import json
 import math
 import struct
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import samkit.cli
 from samkit.cli import build_parser, limits, main
 from samkit.models import MAX_PARAMETERS, count_parameters, create_model
 from samkit.rundir import save_checkpoint
@@ -117,16 +117,24 @@ def test_the_table_covers_every_command_and_bounds_every_number():
         assert not accepted(action, "1e300") and not accepted(action, str(10**30)), flag
 
 
+@pytest.fixture(scope="module")
+def parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
 @pytest.mark.parametrize("command, action, text", bad_cases())
-def test_a_bad_number_is_one_line_naming_the_flag(command, action, text, capsys):
+def test_a_bad_number_is_one_line_naming_the_flag(
+    command, action, text, parser, monkeypatch, capsys
+):
+    monkeypatch.setattr(samkit.cli, "build_parser", lambda: parser)  # built once: most of the time
     flag = action.option_strings[0]
     nargs = action.nargs if isinstance(action.nargs, int) else 1
     # --flag=VALUE, so that '-inf' is read as a value (as a separate word argparse takes it for
     # an option); flags with several values get them as separate words.
     values = [f"{flag}={text}"] if action.nargs is None else [flag, *[text] * nargs]
-    start = time.perf_counter()
+    # Refused by the parser, before any work: a value that got through would meet a missing run
+    # directory or data directory, an error that names no flag.
     assert run_cli([command, *values, *POSITIONALS.get(command, [])]) == 2
-    assert time.perf_counter() - start < 5  # refused by the parser, before any work
     err = one_line_error(capsys, command, f"argument {flag}")
     assert repr(text) in err or "expected" in err or "invalid choice" in err, err
 
@@ -181,13 +189,11 @@ def test_a_sweep_name_that_cannot_name_a_directory_is_refused(tmp_path, capsys):
 
 
 def test_an_absurd_model_is_refused_before_it_is_built(capsys):
-    start = time.perf_counter()
     assert run_cli(["train", "--model-name", "wrn_1000000_1000", *NO_DATA]) == 2
     one_line_error(capsys, "train", "--model-name", "at most 1000")
     assert run_cli(["train", "--model-name", "wrn_1000_1000", *NO_DATA]) == 2
     err = one_line_error(capsys, "train", "--model-name wrn_1000_1000")
     assert f"16,040,781,568,186 parameters, more than samkit builds ({MAX_PARAMETERS:,})" in err
-    assert time.perf_counter() - start < 20  # counted on the meta device, nothing allocated
 
 
 @pytest.mark.parametrize(
