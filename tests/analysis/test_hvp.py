@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp
 
 from samkit.analysis import HessianOperator
+from samkit.analysis.hvp import rebatch
 from samkit.models import create_model
 
 
@@ -102,3 +103,39 @@ def test_a_loss_linear_in_the_weights_has_a_zero_hessian(graph_memory):
     op = HessianOperator(model, lambda out, y: (out - y).mean(), batches, graph_memory=graph_memory)
     assert torch.equal(op(torch.ones(op.dim, dtype=torch.float64)), torch.zeros(op.dim).double())
     assert op(torch.ones(op.dim)).dtype == torch.float32
+
+
+def test_rebatch_keeps_the_examples_and_their_order(problem):
+    batches = rebatch(problem.batches, 24)  # 64 examples: 3 batches of 22, 21, 21
+    assert [len(y) for _, y in batches] == [22, 21, 21]
+    assert torch.equal(torch.cat([x for x, _ in batches]), problem.x)
+    assert torch.equal(torch.cat([y for _, y in batches]), problem.y)
+    assert rebatch(batches, 22) == batches  # already so: the same tensors
+    assert [len(y) for _, y in rebatch(batches, 64)] == [64]
+
+
+@pytest.mark.parametrize("size", [64, 16, "auto"])
+def test_rebatched_products_are_the_same_hessian(problem, size):
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches, batch_size=size)
+    assert op.batch_sizes == {64: [64], 16: [16] * 4, "auto": [64]}[size]
+    for v in _vectors(op.dim, 2):
+        torch.testing.assert_close(op(v), problem.hessian @ v, rtol=1e-12, atol=1e-13)
+    assert op.loss() == pytest.approx(
+        float(problem.loss_fn(problem.model(problem.x), problem.y).detach()), rel=1e-12
+    )
+
+
+def test_auto_batches_fit_the_graph_memory(problem):
+    probe = HessianOperator(problem.model, problem.loss_fn, [(problem.x[:16], problem.y[:16])])
+    probe(_vectors(probe.dim, 1)[0])
+    per_example = probe.kept_bytes / 16  # about: the kept bytes also count the gradients
+    op = HessianOperator(
+        problem.model,
+        problem.loss_fn,
+        problem.batches,
+        batch_size="auto",
+        graph_memory=int(20 * per_example),
+    )
+    assert len(op.batch_sizes) > 1 and max(op.batch_sizes) <= 24 and sum(op.batch_sizes) == 64
+    v = _vectors(op.dim, 1)[0]
+    torch.testing.assert_close(op(v), problem.hessian @ v, rtol=1e-12, atol=1e-13)

@@ -378,6 +378,7 @@ class HessianEigenResult:
     converged: bool
     residuals: list[float]
     eigenvectors: Tensor | None = None
+    batch_sizes: list[int] | None = None  # the batches the products ran on
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (the eigenvectors are left out)."""
@@ -398,13 +399,15 @@ def hessian_top_eigenvalues(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     progress: bool | None = None,
+    batch_size: int | Literal["auto"] | None = None,
 ) -> HessianEigenResult:
     """lambda_max, the top-k eigenvalues and lambda_max / lambda_5 of the Hessian of the mean loss
-    over ``batches`` (model in eval mode), by :func:`lanczos` on a :class:`HessianOperator`.
+    over ``batches`` (model in eval mode), by :func:`lanczos` on a :class:`HessianOperator`
+    (``batch_size``: its re-batching, default none).
 
-    Cost: ``num_steps`` HVPs, each about two forward+backward passes over all the batches.
+    Cost: at most ``num_steps`` HVPs (:mod:`samkit.analysis.hvp`), fewer at convergence.
     """
-    op = HessianOperator(model, loss_fn, batches)
+    op = HessianOperator(model, loss_fn, batches, batch_size=batch_size)
     res = lanczos(
         op,
         op.dim,
@@ -430,6 +433,7 @@ def hessian_top_eigenvalues(
         converged=res.converged,
         residuals=[float(r) for r in res.residuals],
         eigenvectors=res.eigenvectors,
+        batch_sizes=op.batch_sizes,
     )
 
 
@@ -599,10 +603,12 @@ def hessian_spectral_density(
     *,
     num_probes: int = 10,
     num_steps: int = 80,
+    batch_size: int | Literal["auto"] | None = None,
     **kwargs: Any,
 ) -> SpectralDensity:
-    """:func:`slq_density` of the Hessian of the mean loss over ``batches`` (model in eval mode)."""
-    op = HessianOperator(model, loss_fn, batches)
+    """:func:`slq_density` of the Hessian of the mean loss over ``batches`` (model in eval mode;
+    ``batch_size`` as :class:`HessianOperator`'s)."""
+    op = HessianOperator(model, loss_fn, batches, batch_size=batch_size)
     return slq_density(op, op.dim, num_probes=num_probes, num_steps=num_steps, **kwargs)
 
 
