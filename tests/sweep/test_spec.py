@@ -130,3 +130,20 @@ def test_a_finished_cell_is_recognised_even_from_before_a_setting_existed(tmp_pa
     assert is_finished(tmp_path, cell)
     write_json(run / "summary.json", {"status": "completed", "config": {**config, "num_epochs": 3}})
     assert not is_finished(tmp_path, cell)  # other settings: not this cell's run
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"name": "../outside"}, "name '../outside' cannot name a directory (a path separator)"),
+        ({"name": ".."}, "name '..' cannot name a directory"),
+        ({"variants": [{"name": "a"}, {"name": "../b"}]}, "cell '../b' cannot name a directory"),
+        ({"variants": [{"name": ".."}], "grid": {}}, "cell '..' cannot name a directory"),
+    ],
+)
+def test_names_that_would_lead_outside_the_sweep_directory_are_refused(tmp_path, spec, problem):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"seeds": [0], "base": {"num_epochs": 1}, **spec}))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert problem in str(info.value) and str(path) in str(info.value)

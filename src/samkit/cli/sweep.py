@@ -11,7 +11,7 @@ from typing import Any
 from samkit.cli.args import BoolFlag, CommandError, HelpFormatter, fail, number, parse_bool
 from samkit.domains import MAX_THREADS, SEED, THREADS, Interval
 from samkit.sweep import SpecError, SweepSpec, load_spec, run_cells, submit_cells, write_manifest
-from samkit.sweep.spec import check_spec
+from samkit.sweep.spec import check_spec, directory_name_problem
 from samkit.train.config import settings
 
 __all__ = ["add_command", "cmd_sweep"]
@@ -186,8 +186,11 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
     if args.seeds is not None:
         spec.seeds = list(args.seeds)
     if args.name is not None:
-        if not args.name.strip():
-            raise CommandError("--name: empty (the sweep's directory is sweeps/NAME)")
+        problem = directory_name_problem(args.name)
+        if problem:
+            raise CommandError(
+                f"--name: {problem} ({args.name!r}; the sweep's directory is sweeps/NAME)"
+            )
         spec.name = args.name
     if args.set or args.grid or args.seeds is not None:
         check_spec(spec)

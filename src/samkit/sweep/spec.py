@@ -186,8 +186,9 @@ def load_spec(path: str | Path) -> SweepSpec:
             "report)"
         )
     name = str(data.get("name", path.stem))
-    if not name.strip() or "\0" in name:  # the sweep's directory is sweeps/NAME
-        raise SpecError(f"{path}: name {name!r} cannot name a directory")
+    problem = directory_name_problem(name)  # the sweep's directory is sweeps/NAME
+    if problem:
+        raise SpecError(f"{path}: name {name!r} cannot name a directory ({problem})")
     spec = SweepSpec(
         name=name,
         seeds=data.get("seeds", [0]),
@@ -217,6 +218,20 @@ def _check_settings(where: str, values: Any) -> None:
             )
         if isinstance(value, dict | list):
             raise SpecError(f"{where}: {key} must be one value, not {type(value).__name__}")
+
+
+def directory_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one directory inside the sweep's (None: it can). A name never
+    leads outside: no separators, no ``..``."""
+    if not name.strip():
+        return "empty"
+    if "\0" in name:
+        return "a NUL byte"
+    if "/" in name or "\\" in name:
+        return "a path separator"
+    if name in (".", ".."):
+        return "'.' and '..' name no directory of their own"
+    return None
 
 
 def check_spec(spec: SweepSpec) -> None:
@@ -260,6 +275,12 @@ def check_spec(spec: SweepSpec) -> None:
     if not isinstance(spec.report, dict):
         raise SpecError(f"{src}: report must be a table")
     for cell in _first_seed(spec.cells()):
+        problem = directory_name_problem(cell.name)
+        if problem:
+            raise SpecError(
+                f"{src}: cell {cell.name!r} cannot name a directory ({problem}): variant names "
+                "and grid values name the cells' directories"
+            )
         check_cell(cell, src)
 
 
