@@ -9,6 +9,7 @@ independently from the documented recipe (seeded permutation, eval transform, fi
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from samkit.analysis import (
     loss_surface_2d,
     m_sharpness,
     power_iteration_lambda_max,
+    progress,
     sharpness,
     slq_density,
 )
@@ -175,6 +177,27 @@ def test_hessian_power_iteration_and_checkpoint_file(run_a, fmnist_dir, tmp_path
     assert result["lambda_max_over_lambda_5"] is None
     assert result["data"]["split"] == "test" and result["data"]["split_size"] == 32
     assert not (out / "hessian_density.json").exists()
+
+
+def test_hessian_defaults_one_batch_and_progress_lines_on_a_log(
+    run_a, fmnist_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)  # a line at every product
+    monkeypatch.setattr(progress, "LINE_STEP", 0.0)
+    out = tmp_path / "defaults"
+    assert cli(["hessian", str(run_a), "--output", str(out), "--max-steps", "6"]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal, so lines and no bar
+    lines = [line for line in err.splitlines() if line.startswith("lanczos: ")]
+    assert lines[0].startswith("lanczos: 1/6 HVP (17%), ") and "ETA at most" in lines[0]
+    assert re.fullmatch(r"lanczos: [1-6]/6 HVP, done in \d+ s", lines[-1]), lines[-1]
+    assert "\r" not in err
+
+    result = load_json(out / "hessian.json")
+    assert result["batch_sizes"] == [64]  # all 64 training images in one batch
+    _, batches = reference_batches(fmnist_dir, 64, 128, seed=0)
+    ref = hessian_top_eigenvalues(load_run_model(run_a).model, CE, batches, k=5, num_steps=6)
+    assert result["eigenvalues"] == ref.eigenvalues
+    assert result["num_hvp"] == len(lines) - 1
 
 
 # --------------------------------------------------------------------------------------------
