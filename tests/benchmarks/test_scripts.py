@@ -79,3 +79,34 @@ def test_ddp_scaling_smoke_run_measures_all_six_configurations(tmp_path):
     configs = {(r["optimizer"], r["processes"], r["threads_per_process"]) for r in rows}
     assert configs == {(o, p, t) for o in ("sgd", "sam") for p, t in ((1, 1), (1, 2), (2, 1))}
     assert all(r["images_per_sec"] > 0 for r in rows)
+
+
+def test_analysis_cost_quick_run_times_every_variant_and_the_default_command(tmp_path):
+    out = tmp_path / "analysis_cost.json"
+    stdout = run("analysis_cost.py", "--quick", "--output", str(out), timeout=600)
+    result = json.loads(out.read_text())
+    assert result["machine"]["torch"] and result["machine"]["torch_threads"] >= 1
+    assert "cpu_model" in result["machine"] or sys.platform != "linux"
+    rows = result["summary"]["rows"]
+    assert set(rows) == {
+        "fwd_bwd",
+        "hvp",
+        "hvp_first",
+        "hvp_rebuilt",
+        "hvp_fwd_over_rev",
+        "fwd_bwd_b128",
+        "hvp_b128",
+        "hvp_rebuilt_b128",
+    }
+    assert all(r["median_wall_s"] > 0 and r["x_fwd_bwd"] > 0 for r in rows.values())
+    assert rows["fwd_bwd"]["x_fwd_bwd"] == rows["fwd_bwd_b128"]["x_fwd_bwd"] == 1.0
+    target = result["summary"]["target"]
+    assert target["limit"] == 2.5 and target["met"] == (target["value"] <= 2.5)
+    agreement = result["timing"]["agreement"]
+    assert agreement["hvp_equals_hvp_rebuilt_bitwise"]
+    assert agreement["hvp_fwd_over_rev_max_abs_diff_over_max_abs"] < 1e-3
+    default = result["default_run"]
+    assert default["num_hvp"] == default["num_lanczos_steps"] <= 3
+    assert default["wall_s"] >= default["elapsed_sec"] > 0
+    assert "target: s per HVP / s per forward+backward" in stdout
+    assert "samkit hessian RUN (defaults)" in stdout
