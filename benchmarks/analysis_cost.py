@@ -28,12 +28,18 @@ pass over all the images:
   ``hvp_rebuilt_b128`` is what one product of ``samkit hessian`` cost before (its ratio is to
   ``fwd_bwd_b128``, as every ``_b128`` row's).
 
-Timing: one untimed call of each, then ``--rounds`` rounds, each running every variant once in an
-order rotated by one per round. Each sample records its wall time, this process's CPU time (all
-threads) and the fraction of the wall time its threads waited for a CPU (Linux schedstat), which
-on a shared machine says how much of a slow sample was other people's work. Reported: medians,
-and the HVP / forward+backward ratio both from the medians and paired per round (median of the
-per-round ratios). The target of issue 14: s per HVP / s per forward+backward <= 2.5.
+Timing: one untimed call of each, then rounds, each running every variant once in an order
+rotated by one per round. Each sample records its wall time, this process's CPU time (all
+threads) and the share of its threads' time (wall x threads) they spent waiting for a CPU (Linux
+schedstat ``run_delay``). On a shared 2-core machine another busy process makes multi-threaded
+kernels stall at every OpenMP barrier: samples 5-20x slower than quiet ones, whatever is being
+measured. So a sample is *quiet* when that wait share is below ``--quiet-threshold`` (5%), and
+after ``--rounds`` rounds more run, up to ``--budget`` seconds, until every variant has 3 quiet
+samples. Statistics use the quiet samples when every variant has 3 (JSON ``basis``: "quiet"),
+else all samples, with a WARNING. Reported: medians, and the ratio to the forward+backward pass
+from the medians and paired (median over the rounds, quiet in both when the basis is "quiet", of
+the per-round ratios). The target of issue 14: s per HVP / s per forward+backward <= 2.5, from
+the medians.
 
 Then ``samkit hessian RUN`` itself, with its defaults, in a subprocess (stderr is a pipe, so its
 progress comes as lines, kept in the JSON): wall time from start to exit (interpreter start and
@@ -77,6 +83,8 @@ from samkit.models import create_model  # noqa: E402
 from samkit.rundir import load_run_model, save_checkpoint  # noqa: E402
 
 TARGET_RATIO = 2.5  # issue 14: s per HVP / s per forward+backward
+QUIET_THRESHOLD = 0.05  # a quiet sample: its threads waited for a CPU < 5% of their time
+MIN_QUIET = 3  # fewer quiet samples than this for any variant: statistics over all samples
 TASKS_DIR = Path("/proc/self/task")
 VARIANTS = {
     "fwd_bwd": "gradient over the subset (1 forward+backward per batch)",
@@ -215,11 +223,17 @@ def time_variants(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         fn()
     names = list(variants)
     samples: dict[str, list[dict[str, float | None]]] = {n: [] for n in names}
-    for r in range(args.rounds):
+    start, r = time.perf_counter(), 0
+    while r < args.rounds or (
+        time.perf_counter() - start < args.budget
+        and any(len(quiet(ss, args.quiet_threshold)) < MIN_QUIET for ss in samples.values())
+    ):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             samples[name].append(sample(variants[name]))
-        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        r += 1
+        fewest = min(len(quiet(ss, args.quiet_threshold)) for ss in samples.values())
+        print(f"  round {r} done ({fewest}+ quiet samples each)", file=sys.stderr, flush=True)
     config = loaded.config
     return {
         "model_name": config.get("model_name"),
@@ -233,11 +247,22 @@ def time_variants(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def summarise(timing: dict[str, Any]) -> dict[str, Any]:
+def quiet(ss: list[dict[str, Any]], threshold: float) -> list[int]:
+    """Indices of the quiet samples (unknown wait: counted quiet)."""
+    return [
+        i for i, s in enumerate(ss) if s["wait_fraction"] is None or s["wait_fraction"] < threshold
+    ]
+
+
+def summarise(timing: dict[str, Any], threshold: float) -> dict[str, Any]:
     samples = timing["samples"]
+    use_quiet = all(len(quiet(ss, threshold)) >= MIN_QUIET for ss in samples.values())
+    keep = {
+        n: quiet(ss, threshold) if use_quiet else list(range(len(ss))) for n, ss in samples.items()
+    }
 
     def median(name: str, key: str) -> float:
-        return statistics.median(s[key] for s in samples[name])
+        return statistics.median(samples[name][i][key] for i in keep[name])
 
     rows = {}
     for name, ss in samples.items():
@@ -245,9 +270,8 @@ def summarise(timing: dict[str, Any]) -> dict[str, Any]:
         waits = [s["wait_fraction"] for s in ss if s["wait_fraction"] is not None]
         base = "fwd_bwd_b128" if name.endswith("_b128") else "fwd_bwd"
         unit, unit_cpu = median(base, "wall_s"), median(base, "cpu_s")
-        paired = statistics.median(
-            s["wall_s"] / b["wall_s"] for s, b in zip(ss, samples[base], strict=True)
-        )
+        both = [i for i in keep[name] if i in keep[base]] or list(range(len(ss)))
+        paired = statistics.median(ss[i]["wall_s"] / samples[base][i]["wall_s"] for i in both)
         rows[name] = {
             "what": VARIANTS[name],
             "median_wall_s": wall,
@@ -256,9 +280,13 @@ def summarise(timing: dict[str, Any]) -> dict[str, Any]:
             "x_fwd_bwd_paired": paired,
             "x_fwd_bwd_cpu": cpu / unit_cpu,
             "median_wait_fraction": statistics.median(waits) if waits else None,
+            "samples_used": len(keep[name]),
+            "samples_taken": len(ss),
         }
     ratio = rows["hvp"]["x_fwd_bwd"]
     return {
+        "basis": "quiet" if use_quiet else "all",
+        "quiet_threshold": threshold,
         "rows": rows,
         "target": {
             "name": "s per HVP / s per forward+backward (medians)",
@@ -329,19 +357,24 @@ def machine_info() -> dict[str, Any]:
 
 
 def print_table(timing: dict[str, Any], summary: dict[str, Any], threads: int) -> None:
+    basis = (
+        "statistics over quiet samples"
+        if summary["basis"] == "quiet"
+        else "WARNING: too few quiet samples (a busy machine), statistics over all samples"
+    )
     print(
         f"{timing['model_name']} ({timing['num_params']:,} parameters), "
-        f"{timing['num_examples']:,} examples, {threads} thread(s); medians over "
-        f"{len(timing['samples']['fwd_bwd'])} rounds"
+        f"{timing['num_examples']:,} examples, {threads} thread(s); {basis}"
     )
     head = f"{'variant':<18}{'wall s':>9}{'cpu s':>9}{'x fwd+bwd':>11}{'paired':>8}"
-    print(head + f"{'cpu x':>7}{'wait':>7}  what")
+    print(head + f"{'cpu x':>7}{'wait':>7}{'quiet/all':>10}  what")
     for name, r in summary["rows"].items():
         wait = r["median_wait_fraction"]
+        used = f"{r['samples_used']}/{r['samples_taken']}"
         print(
             f"{name:<18}{r['median_wall_s']:>9.3f}{r['median_cpu_s']:>9.3f}"
             f"{r['x_fwd_bwd']:>11.2f}{r['x_fwd_bwd_paired']:>8.2f}{r['x_fwd_bwd_cpu']:>7.2f}"
-            f"{'' if wait is None else f'{100 * wait:.0f}%':>7}  {r['what']}"
+            f"{'' if wait is None else f'{100 * wait:.0f}%':>7}{used:>10}  {r['what']}"
         )
     t = summary["target"]
     print(
@@ -356,7 +389,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds (default 5)")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds, at least (default 5)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=900.0,
+        help="seconds of timing after which no new round starts to collect quiet samples "
+        "(default 900)",
+    )
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=QUIET_THRESHOLD,
+        help="most share of a sample's thread time spent waiting for a CPU for it to count as "
+        "quiet (default %(default)s)",
+    )
     p.add_argument("--num-samples", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=1024, help="samkit hessian's default")
     p.add_argument(
@@ -373,6 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.num_samples, args.batch_size, args.small_batch = 1, 64, 64, 32
+        args.budget = 0.0
         quick = ["--num-samples", "64", "--top-k", "2", "--max-steps", "3"]
         args.hessian_args = [*quick, *args.hessian_args]
     return args
@@ -410,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = untrained_run(run_dir) if args.quick else train_run(run_dir, args.threads)
             result["training"] = {"command": cmd, "wall_s": time.perf_counter() - t0}
         timing = time_variants(args, run_dir)
-        summary = summarise(timing)
+        summary = summarise(timing, args.quiet_threshold)
         result.update(timing=timing, summary=summary)
         print_table(timing, summary, threads)
         if not args.no_default_run:
