@@ -88,15 +88,9 @@ class Run:
 
 def checkpoint_state(run: Run, state: RunState) -> dict[str, Any]:
     return {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.schedule.state_dict(),
-        "step_helper": run.step_fn.state_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        **state.state_dict(),
+        **_parts_state(run, state),
         "steps_per_epoch": len(run.train_loader),
         "world_size": 1 if run.dist is None else run.dist.world_size,
-        "rng": rng_state(run.device),
         "config": run.cfg.to_dict(),
         "last_good": run.last_good.name if run.last_good is not None else None,
     }
@@ -209,7 +203,7 @@ def resume(run: Run, state: RunState) -> None:
             saved = load_checkpoint(path, map_location=run.device)
             check_fits(run, path, saved)
             if fresh is None:  # what the parts hold before any checkpoint is tried
-                fresh = copy.deepcopy(_parts_state(run))
+                fresh = copy.deepcopy(_parts_state(run, RunState(run.device)))
             _load_parts(run, state, path, saved)
         except CheckpointError as exc:
             run.unusable.append((path, str(exc)))
@@ -256,14 +250,15 @@ def check_fits(run: Run, path: Path, saved: dict[str, Any]) -> None:
         )
 
 
-def _parts_state(run: Run) -> dict[str, Any]:
+def _parts_state(run: Run, state: RunState) -> dict[str, Any]:
+    """What :func:`_load_parts` loads: the run's parts, ``state`` and the RNG states."""
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.schedule.state_dict(),
         "step_helper": run.step_fn.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
-        **RunState(run.device).state_dict(),
+        **state.state_dict(),
         "rng": rng_state(run.device),
     }
 
