@@ -73,6 +73,9 @@ def bare_images_per_sec(
     torch.manual_seed(0)
     model = create_model(MODEL, num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
     model.train()
+    if compile_model:  # a cold compile every time, as in a fresh run: no cache from a round before
+        torch._dynamo.reset()
+        torch._inductor.config.force_disable_caches = True
     forward = torch.compile(model) if compile_model else model
     if optimizer == "sam":
         opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)

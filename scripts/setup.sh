@@ -2,7 +2,7 @@
 # Set up (or refresh) the project's virtual environment in .venv. Safe to run any number of times:
 #   1. create .venv with python3 (>= 3.10) if it is missing;
 #   2. install torch + torchvision only if they do not import there;
-#   3. `pip install -e '.[dev]'` only when pyproject.toml changed since the last successful install
+#   3. `pip install -e '.[dev,integrations]'` only when pyproject.toml changed since the last successful install
 #      (stamp: .venv/.samkit-pyproject.sha256) or samkit does not import from this checkout;
 #   4. as root, try to install Fashion-MNIST (Debian package dataset-fashion-mnist) if it is absent;
 #      failing that only warns: the tests never need the real data.
@@ -60,8 +60,8 @@ paths = [os.path.realpath(p) for p in spec.submodule_search_locations]
 assert os.path.realpath(sys.argv[1]) in paths
 PYEOF
 if [ "$want" != "$have" ] || [ "$here_ok" != 1 ]; then
-    say "installing samkit (editable) with its dev extras"
-    quiet "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
+    say "installing samkit (editable) with its dev and integrations extras"
+    quiet "$PY" -m pip install -q --disable-pip-version-check -e ".[dev,integrations]"
     printf '%s\n' "$want" >"$STAMP"
 fi
 

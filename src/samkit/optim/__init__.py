@@ -5,6 +5,7 @@ their options (``create_optimizer("esam", params, torch.optim.SGD, beta=0.6, lr=
 ``samkit.optim.numerics`` holds the gradient norms, clipping and the guarded step they share.
 """
 
+from samkit.optim._base import SharpnessAwareOptimizer, unwrap
 from samkit.optim.esam import ESAM
 from samkit.optim.registry import (
     OptimInfo,
@@ -21,8 +22,10 @@ __all__ = [
     "OptimInfo",
     "OptimOption",
     "SAM",
+    "SharpnessAwareOptimizer",
     "create_optimizer",
     "get_optimizer_info",
     "list_optimizers",
     "register_optimizer",
+    "unwrap",
 ]

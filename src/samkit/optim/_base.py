@@ -3,10 +3,11 @@ weights, the guarded base step, and checkpoints. The ascent itself lives in ``sa
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -18,10 +19,65 @@ from samkit.optim._flat import FlatStore, StepPlan
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _grad_is_sparse = attrgetter("grad.is_sparse")
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+#: Attributes through which frameworks' optimizer wrappers hold the optimizer they wrap:
+#: Accelerate's ``AcceleratedOptimizer.optimizer``, Lightning's ``LightningOptimizer._optimizer``.
+WRAPPER_ATTRIBUTES = ("optimizer", "_optimizer")
+
+
+def unwrap(optimizer: Any) -> Any:
+    """The optimizer inside frameworks' wrappers (Accelerate, Lightning), or ``optimizer`` itself.
+
+    Follows ``.optimizer`` / ``._optimizer`` while they lead to another ``torch.optim.Optimizer``
+    (a samkit optimizer's ``base_optimizer`` is not followed: it is not a wrapper's)."""
+    seen = set()
+    while not isinstance(optimizer, SharpnessAwareOptimizer) and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        inner = next(
+            (
+                v
+                for v in (getattr(optimizer, a, None) for a in WRAPPER_ATTRIBUTES)
+                if isinstance(v, Optimizer) or hasattr(v, "param_groups")
+            ),
+            None,
+        )
+        if inner is None:
+            break
+        optimizer = inner
+    owner = getattr(optimizer, "_owner", None)
+    return owner if isinstance(owner, SharpnessAwareOptimizer) else optimizer
+
+
+def on_owner(method: _Method) -> _Method:
+    """Run ``method`` on the optimizer object that owns the per-step bookkeeping.
+
+    Lightning's ``LightningOptimizer`` is a subclass of the wrapped optimizer's class holding a
+    shallow copy of its ``__dict__``: ``opt.first_step()`` on it would set the perturbed set, the
+    failed pass and ``skipped_steps`` on the copy, and the real optimizer (which Lightning steps and
+    checkpoints) would never see them. Every public method runs on the original instead."""
+
+    @functools.wraps(method)
+    def run(self: SharpnessAwareOptimizer, *args: Any, **kwargs: Any) -> Any:
+        return method(self.__dict__.get("_owner", self), *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
 
 #: Plans kept for reuse: the first and second pass usually have the same parameters (one plan);
 #: a few more cover alternating sets without letting ESAM's random subsets pile up.
 MAX_PLANS = 4
+
+
+FOREIGN_GRADIENTS = (
+    "{name}.step(closure): the parameters already hold gradients that this optimizer's last step "
+    "did not leave: a first pass run before step(), or micro-batches accumulated by a framework "
+    "(Lightning accumulate_grad_batches, Hugging Face gradient_accumulation_steps, Accelerate's "
+    "accumulate()). step(closure) runs both passes from zeroed gradients, so these would leak "
+    "into the update. Zero the gradients first (opt.zero_grad()); for a first pass of your own "
+    "call opt.first_step() and opt.second_step() around the second; to accumulate micro-batches "
+    "use samkit.train.SharpnessAwareStep(accumulation_steps=N) or a samkit.integrations module"
+)
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -31,6 +87,11 @@ class SharpnessAwareOptimizer(Optimizer):
     attached to either object works and ``state_dict()`` carries momentum / Adam moments. The clean
     weights saved during a perturbation live in private buffers, never in ``state``.
     """
+
+    #: ``torch.amp.GradScaler.step`` calls ``step()`` even after an overflow, with ``grad_scale``
+    #: and ``found_inf`` set on the optimizer (the protocol of fused optimizers): a skipped step
+    #: must still put the weights back from ``w + e``.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -85,9 +146,10 @@ class SharpnessAwareOptimizer(Optimizer):
                 "own mesh: leave shard_group None"
             )
         self.shard_group = shard_group
+        self._owner = self  # survives a wrapper's copy of __dict__ (see on_owner)
         self._keys: tuple[dict[Tensor, Any], dict[Any, torch.device]] | None = None
-        self.skipped_steps = 0
-        self.last_grad_norm: Tensor | None = None
+        self._skipped_steps = 0
+        self._last_grad_norm: Tensor | None = None
         self._store = FlatStore()  # the clean weights while perturbed (w + e)
         self._plans: dict[tuple[int, ...], StepPlan] = {}
         self._clean: dict[
@@ -97,7 +159,25 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed: StepPlan | None = None  # the parameters now at w + e
         self._failed_pass: str | None = None
         self._awaiting_second_step = False  # first_step ran, second_step not yet
+        # the gradients the last second_step left behind, as (tensor, version): any other
+        # gradient found by step(closure) was accumulated elsewhere
+        self._grad_marks: dict[Tensor, tuple[Tensor, int]] = {}
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was non-finite (kept in ``state_dict``)."""
+        return self._owner._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._owner._skipped_steps = value
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """Global norm of the gradient of the last :meth:`second_step`, before clipping."""
+        return self._owner._last_grad_norm
+
+    @on_owner
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):  # during __init__
             return super().add_param_group(param_group)
@@ -113,8 +193,14 @@ class SharpnessAwareOptimizer(Optimizer):
     @property
     def failed_pass(self) -> str | None:
         """Which pass of the current step had a non-finite gradient (None: none so far)."""
-        return self._failed_pass
+        return self._owner._failed_pass
 
+    @property
+    def awaiting_second_step(self) -> bool:
+        """True between :meth:`first_step` and :meth:`second_step`."""
+        return self._owner._awaiting_second_step
+
+    @on_owner
     def fail_step(self, reason: str) -> None:
         """Mark the current step as failed, e.g. because another data-parallel replica's did.
 
@@ -156,6 +242,7 @@ class SharpnessAwareOptimizer(Optimizer):
             # other plans' views point into the old ones; let them go (they will re-read theirs)
             self._plans = {k: v for k, v in self._plans.items() if v is plan}
 
+    @on_owner
     @torch.no_grad()
     def unperturb(self) -> None:
         """Restore, in place, exactly the tensors that were perturbed (no-op when none)."""
@@ -225,6 +312,7 @@ class SharpnessAwareOptimizer(Optimizer):
             self._keys = numerics.reduce_keys(params_all, self.shard_group)
         return self._keys
 
+    @on_owner
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, max_grad_norm: float | None = None) -> bool:
         """Restore ``w`` and apply the base optimizer with the current (second-pass) gradient.
@@ -249,7 +337,7 @@ class SharpnessAwareOptimizer(Optimizer):
             self._combine_gradients(plan.params, grads)
         foreach = self._plan_foreach(plan)
         grad_norm, norm_value = plan.norm_value(grads, foreach)  # the one sync
-        self.last_grad_norm = grad_norm
+        self._last_grad_norm = grad_norm
         failed_pass, self._failed_pass = self._failed_pass, None
         took = numerics.guarded_step(
             self.base_optimizer.step,
@@ -269,14 +357,70 @@ class SharpnessAwareOptimizer(Optimizer):
         self._after_step(took)
         if zero_grad:
             self.zero_grad()
+            self._grad_marks = {}
+        else:
+            self._grad_marks = {
+                p: (p.grad, p.grad._version) for p in plan.params if p.grad is not None
+            }
         return took
 
+    def _finish_step(self, closure: Callable[[], Any] | None) -> Any:
+        """``step()`` after ``first_step()``: ``closure`` (if any) as the second pass, then
+        ``second_step()``. Under ``GradScaler.step`` (see ``_step_supports_amp_scaling``) the
+        gradients are unscaled here, and an overflow it found skips the step."""
+        # set by GradScaler.step for this call only (it deletes them afterwards)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if not self._awaiting_second_step:
+            if grad_scale is not None or found_inf is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() was called by a GradScaler with no first_step() "
+                    "before it: with fp16, call first_step(grad_scaler=scaler) after the first "
+                    "backward, or step(closure, grad_scaler=scaler) (a framework that runs one "
+                    "backward and then scaler.step(optimizer), as Lightning's precision='16-mixed' "
+                    "with automatic optimisation, cannot run SAM's second pass: use bf16, or see "
+                    "docs/integrations.md)"
+                )
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs the "
+                "forward and backward pass and returns the loss, e.g. opt.step(closure); or call "
+                "opt.first_step() and opt.second_step() around your own two passes"
+            )
+        loss = torch.enable_grad()(closure)() if closure is not None else None
+        if found_inf is not None and found_inf.item() > 0:
+            self.fail_step("second")
+        elif grad_scale is not None:
+            self._unscale(self._plan(), 1.0 / float(grad_scale))
+        self.second_step()
+        return loss
+
+    @torch.no_grad()
+    def _unscale(self, plan: StepPlan | None, inverse_scale: float) -> None:
+        """Multiply the current gradients of ``plan`` by ``inverse_scale`` (1 / loss scale)."""
+        if plan is not None and plan.params and inverse_scale != 1.0:
+            F.scale_(plan.grads(), inverse_scale, foreach=self._plan_foreach(plan))
+
+    def _refuse_foreign_gradients(self) -> None:
+        """RuntimeError if a parameter holds a non-zero gradient this optimizer did not leave."""
+        foreign = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                mark = self._grad_marks.get(p)
+                if mark is None or mark[0] is not grad or mark[1] != grad._version:
+                    foreign.append(numerics.local(grad))
+        if foreign and bool(torch.stack([g.ne(0).any().to("cpu") for g in foreign]).any()):
+            raise RuntimeError(FOREIGN_GRADIENTS.format(name=type(self).__name__))
+
+    @on_owner
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, plus samkit's counters under ``"samkit"``."""
         state = self.base_optimizer.state_dict()
         state["samkit"] = {"skipped_steps": self.skipped_steps}
         return state
 
+    @on_owner
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("samkit", {})

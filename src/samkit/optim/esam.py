@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from samkit.optim._base import ParamsT
+from samkit.optim._base import ParamsT, on_owner
 from samkit.optim.numerics import is_dtensor
 from samkit.optim.sam import SAM
 
@@ -50,6 +50,9 @@ class ESAM(SAM):
             return F.cross_entropy(model(x), y, reduction="none")
 
         loss = optimizer.step(closure)
+
+    ``step(closure)`` starts from zeroed gradients: any gradient the parameters hold is discarded
+    (to accumulate micro-batches use ``samkit.train.SharpnessAwareStep(accumulation_steps=N)``).
 
     The SWP mask comes from a seeded ``torch.Generator`` (``seed``), so every data-parallel replica
     draws the same mask; its state is part of ``state_dict()``.
@@ -90,6 +93,7 @@ class ESAM(SAM):
         """True when SDS ranks by ``l1 - l0`` and so needs the losses at ``w + e``."""
         return self.sds_criterion == "sharpness" and self.gamma < 1.0
 
+    @on_owner
     @contextmanager
     def swp(self) -> Iterator[list[Tensor]]:
         """Draw the SWP mask; inside the block, dropped tensors do not require grad.
@@ -131,6 +135,7 @@ class ESAM(SAM):
             score = perturbed_losses - clean_losses
         return torch.topk(score.detach().flatten(), k, sorted=False).indices.sort().values
 
+    @on_owner
     def select_samples(
         self,
         clean_losses: Tensor,
@@ -151,36 +156,55 @@ class ESAM(SAM):
                 perturbed = perturbed_losses()
         return self.sds_select(clean_losses, perturbed)
 
-    def step(self, closure: Callable[[Tensor | None], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """One ESAM step; returns the mean first-pass loss over the whole batch."""
+    @on_owner
+    def step(  # type: ignore[override]
+        self, closure: Callable[[Tensor | None], Tensor] | None = None, *, scaler: Any = None
+    ) -> Tensor | None:
+        """One ESAM step; returns the mean first-pass loss over the whole batch.
+
+        ``scaler``: a ``torch.amp.GradScaler`` (fp16) whose scale ESAM applies to its backward
+        passes; call ``scaler.update()`` afterwards. Without a closure after ``first_step()``
+        (GradScaler, Accelerate): ``second_step()``."""
+        if self._awaiting_second_step:
+            return self._finish_step(closure)
         if closure is None:
-            if self._awaiting_second_step:  # after first_step(), as GradScaler / Accelerate call it
-                self.second_step()
-                return None
             raise RuntimeError(
                 "ESAM.step() needs a closure(index=None) that returns the per-sample losses "
                 "(reduction='none') of the batch, or of batch[index] when index is given, without "
                 "calling backward; see the ESAM docstring for an example"
             )
+        # No check for gradients accumulated before: by its contract the closure never calls
+        # backward, so ESAM's step always starts from zeroed gradients (documented above).
+        scaled = scaler is not None and scaler.is_enabled()
+
+        def backward(loss: Tensor) -> None:
+            (scaler.scale(loss) if scaled else loss).backward()
+
         self.zero_grad(set_to_none=True)
         with torch.enable_grad(), self.swp():
             clean = _per_sample(closure(None))
             if clean.requires_grad:  # False only when SWP dropped every tensor
-                clean.mean().backward()
-        ok = self.first_step()
+                backward(clean.mean())
+        # an overflow leaves its non-finite gradients for scaler.step to find: one back-off
+        ok = self.first_step(scaler=scaler, back_off=False)
         index = self.select_samples(clean, lambda: _per_sample(closure(None))) if ok else None
-        self.zero_grad(set_to_none=True)
         if ok:
+            self.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                _per_sample(closure(index)).mean().backward()
-        self.second_step()
+                backward(_per_sample(closure(index)).mean())
+        if scaled:
+            scaler.step(self)  # unscales, finds overflows, then calls step() -> second_step
+        else:
+            self.second_step()
         return clean.detach().mean()
 
+    @on_owner
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["samkit"]["esam_generator"] = self.generator.get_state()
         return state
 
+    @on_owner
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         generator_state = state_dict.get("samkit", {}).get("esam_generator")
         super().load_state_dict(state_dict)

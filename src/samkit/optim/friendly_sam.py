@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim import _functional as F
-from samkit.optim._base import ParamsT
+from samkit.optim._base import ParamsT, on_owner
 from samkit.optim.sam import SAM
 
 __all__ = ["FriendlySAM"]
@@ -69,12 +69,14 @@ class FriendlySAM(SAM):
             self._momentum.update(self._pending)
         self._pending = {}
 
+    @on_owner
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         state["samkit"]["friendly_momentum"] = [self._momentum.get(p) for p in params]
         return state
 
+    @on_owner
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("samkit", {}).get("friendly_momentum")
         super().load_state_dict(state_dict)

@@ -31,6 +31,7 @@ from samkit.optim._base import (
     SharpnessAwareOptimizer,
     _refuse_sparse,
     check_sam_arguments,
+    on_owner,
 )
 
 
@@ -78,26 +79,42 @@ class SAM(SharpnessAwareOptimizer):
         super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group)
         self._ascent_y: list[list[Tensor]] = []
 
+    @on_owner
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> bool:
-        """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite."""
+    def first_step(
+        self, zero_grad: bool = False, *, scaler: Any = None, back_off: bool = True
+    ) -> bool:
+        """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite.
+
+        ``scaler``: the ``torch.amp.GradScaler`` whose scaled loss made these gradients; they
+        are unscaled first, and an overflow backs its scale off at once (``back_off``), since
+        ``scaler.step`` sees only the second pass's gradients."""
         self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
         self._failed_pass, self._awaiting_second_step = None, True
         self._perturbed = plan = self._plan()  # the parameters with a gradient, per group
         _refuse_sparse(plan.params)
+        self._unscale(plan, _inverse_scale(scaler))
         if self.stores_clean_gradient:  # GSAM, WSAM: the update combines g with grad L(w + e)
             self._store_clean_grads(plan.params, plan.grads())
         ok = self._ascend(first=True, rho_factor=self._rho_factor())
+        if not ok and scaler is not None and back_off:
+            _back_off(scaler)
         if zero_grad:
             self.zero_grad()
         return ok
 
+    @on_owner
     @torch.no_grad()
-    def ascent_step(self, zero_grad: bool = False) -> bool:
+    def ascent_step(
+        self, zero_grad: bool = False, *, scaler: Any = None, back_off: bool = True
+    ) -> bool:
         """One more projected ascent step from the gradients at the current ``w + e``."""
         if not self._ascent_y:
             raise RuntimeError("ascent_step() needs first_step() first, with ascent_steps > 1")
+        self._unscale(self._perturbed, _inverse_scale(scaler))
         ok = self._ascend(first=False, rho_factor=self._rho_factor())
+        if not ok and scaler is not None and back_off:
+            _back_off(scaler)
         if zero_grad:
             self.zero_grad()
         return ok
@@ -166,31 +183,50 @@ class SAM(SharpnessAwareOptimizer):
         self._ascent_y = base if self.ascent_steps > 1 else []
         return True
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """Both passes (``closure`` zeroes the grads, runs forward + backward, returns the loss);
-        without a closure after ``first_step()`` (GradScaler, Accelerate): ``second_step()``."""
-        if closure is None:
-            if self._awaiting_second_step:
-                self.second_step()
-                return None
-            raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs the "
-                "forward and backward pass and returns the loss, e.g. opt.step(closure); or call "
-                "opt.first_step() and opt.second_step() around your own two passes"
-            )
+    @on_owner
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, *, scaler: Any = None
+    ) -> Tensor | None:
+        """Both passes: ``closure`` zeroes the grads, runs forward + backward, returns the loss.
+
+        After ``first_step()`` (the two-call form, as GradScaler, Accelerate and Lightning call
+        it): ``closure`` (if any) is the second pass, then ``second_step()``. With fp16,
+        ``scaler`` is the ``GradScaler`` whose scaled loss the closure backpropagates; call
+        ``scaler.update()`` afterwards, as usual.
+        """
+        if self._awaiting_second_step or closure is None:
+            return self._finish_step(closure)
+        self._refuse_foreign_gradients()
         closure = torch.enable_grad()(closure)
         loss = closure()
-        if self.first_step():
+        # an overflow leaves its non-finite gradients for scaler.step to find: one back-off
+        if self.first_step(scaler=scaler, back_off=False):
             for _ in range(self.ascent_steps - 1):
                 closure()
-                if not self.ascent_step():
+                if not self.ascent_step(scaler=scaler, back_off=False):
                     break
             if self._failed_pass is None:
                 closure()
-        self.second_step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self)  # unscales, finds overflows, then calls step() (below)
+        else:
+            self.second_step()
         return loss
 
     @torch.no_grad()
     def unperturb(self) -> None:
         super().unperturb()
         self._ascent_y = []
+
+
+def _inverse_scale(scaler: Any) -> float:
+    """1 / the loss scale of an enabled ``GradScaler``; 1 without one."""
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return 1.0 / scaler.get_scale()
+
+
+def _back_off(scaler: Any) -> None:
+    """Lower the scale of an enabled ``GradScaler`` by its backoff factor (an overflow)."""
+    if scaler.is_enabled():
+        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from samkit.optim import ESAM, SAM, numerics
+from samkit.optim import ESAM, SAM, numerics, unwrap
 from samkit.optim.esam import FSDP_UNSUPPORTED as ESAM_FSDP_UNSUPPORTED
 
 BN_STATS = ("first", "second", "both")
@@ -83,6 +83,11 @@ class SharpnessAwareStep:
         replay_rng: bool = True,
         sync_perturbations: bool | None = None,
     ) -> None:
+        # a framework's wrapper (Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer)
+        # hides first_step / second_step, or keeps copies of samkit's per-step bookkeeping
+        inner = unwrap(optimizer)
+        if isinstance(inner, SAM):
+            optimizer = inner
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"m (m-sharpness chunk size) must be a positive integer, got {m!r}")
         if m is not None and not isinstance(optimizer, SAM):
