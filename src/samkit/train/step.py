@@ -427,16 +427,47 @@ class SharpnessAwareStep:
             torch.get_device_module(self.device).set_rng_state(states[1], self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        """The step's own state (micro-batch counter, GradScaler); save it with the optimizer's."""
+        """The step's own state; save it with the optimizer's.
+
+        The micro-batch counter and the GradScaler; between the micro-batches of an accumulation
+        also the gradient sum so far, the BatchNorm buffers as they were before the step (put back
+        if it is skipped) and whether a pass already failed, so that a resume there continues
+        exactly. Under torch.distributed that sum is this rank's own: every rank saves its own."""
         state: dict[str, Any] = {"micro": self._micro}
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
+        if self._micro % self.accumulation_steps:
+            state["accumulated"] = {
+                "grads": [
+                    None if p.grad is None else p.grad.detach().clone() for p in self._params
+                ],
+                "bn_backup": [b.clone() for b in self._bn_backup],
+                "failed_pass": self._failed_pass,
+            }
         return state
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._micro = int(state.get("micro", 0))
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+        accumulated = state.get("accumulated")
+        if self._micro % self.accumulation_steps == 0:
+            return
+        if accumulated is None or len(accumulated["grads"]) != len(self._params):
+            raise ValueError(
+                f"this step state is {self._micro % self.accumulation_steps} micro-batch(es) into "
+                "an accumulation but does not hold their gradient sum (saved by an older samkit, "
+                "or for other parameters): resume from a state saved at an optimizer step"
+            )
+        for p, g in zip(self._params, accumulated["grads"]):
+            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
+        self._bn_buffers = _batchnorm_buffers(self.model)
+        self._bn_backup = [
+            b.to(device=c.device, dtype=c.dtype).clone()
+            for b, c in zip(accumulated["bn_backup"], self._bn_buffers)
+        ]
+        self._failed_pass = accumulated["failed_pass"]
 
 
 def _fsdp_group(model: nn.Module, optimizer: Optimizer) -> Any:
