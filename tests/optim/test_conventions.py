@@ -83,7 +83,7 @@ def test_lr_schedulers_that_cycle_momentum_work_on_sam():
     assert adam.base_optimizer.param_groups[0]["betas"][0] == pytest.approx(0.9)
 
 
-# -- wrappers: Lightning copies __dict__, Accelerate holds .optimizer -------------------------------
+# -- wrappers: Lightning copies __dict__, Accelerate holds .optimizer ------------------------------
 
 
 class LightningStyleWrapper:
@@ -146,7 +146,7 @@ def test_sharpness_aware_step_accepts_a_wrapped_optimizer():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-# -- step(closure): after first_step, and with gradients accumulated elsewhere ---------------------
+# -- step(closure): after first_step, and with gradients accumulated elsewhere --------------------
 
 
 def test_step_with_a_closure_after_first_step_runs_it_as_the_second_pass():
