@@ -159,9 +159,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed: StepPlan | None = None  # the parameters now at w + e
         self._failed_pass: str | None = None
         self._awaiting_second_step = False  # first_step ran, second_step not yet
-        # the gradients the last second_step left behind, as (tensor, version): any other
-        # gradient found by step(closure) was accumulated elsewhere
-        self._grad_marks: dict[Tensor, tuple[Tensor, int]] = {}
+        # the gradients step(closure) left behind last time, by id(param): (tensor, version);
+        # any other gradient it finds at its start was accumulated elsewhere
+        self._grad_marks: dict[int, tuple[Tensor, int]] = {}
 
     @property
     def skipped_steps(self) -> int:
@@ -357,12 +357,16 @@ class SharpnessAwareOptimizer(Optimizer):
         self._after_step(took)
         if zero_grad:
             self.zero_grad()
-            self._grad_marks = {}
-        else:
-            self._grad_marks = {
-                p: (p.grad, p.grad._version) for p in plan.params if p.grad is not None
-            }
         return took
+
+    def _mark_gradients(self) -> None:
+        """Remember the gradients this step leaves behind (see ``_refuse_foreign_gradients``)."""
+        self._grad_marks = {
+            id(p): (p.grad, p.grad._version)
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        }
 
     def _finish_step(self, closure: Callable[[], Any] | None) -> Any:
         """``step()`` after ``first_step()``: ``closure`` (if any) as the second pass, then
@@ -400,14 +404,15 @@ class SharpnessAwareOptimizer(Optimizer):
             F.scale_(plan.grads(), inverse_scale, foreach=self._plan_foreach(plan))
 
     def _refuse_foreign_gradients(self) -> None:
-        """RuntimeError if a parameter holds a non-zero gradient this optimizer did not leave."""
+        """RuntimeError if a parameter holds a non-zero gradient that the last ``step(closure)``
+        did not leave (marks are kept by the closure form only: the two-call form costs nothing)."""
         foreign = []
         for g in self.param_groups:
             for p in g["params"]:
                 grad = p.grad
                 if grad is None:
                     continue
-                mark = self._grad_marks.get(p)
+                mark = self._grad_marks.get(id(p))
                 if mark is None or mark[0] is not grad or mark[1] != grad._version:
                     foreign.append(numerics.local(grad))
         if foreign and bool(torch.stack([g.ne(0).any().to("cpu") for g in foreign]).any()):

@@ -211,6 +211,7 @@ class SAM(SharpnessAwareOptimizer):
             scaler.step(self)  # unscales, finds overflows, then calls step() (below)
         else:
             self.second_step()
+        self._mark_gradients()
         return loss
 
     @torch.no_grad()
