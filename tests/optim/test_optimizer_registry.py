@@ -30,7 +30,7 @@ def params():
 
 
 def test_list_in_registration_order():
-    assert list_optimizers() == ["sgd", "sam", "esam", "gsam", "wsam", "fsam"]
+    assert list_optimizers() == ["sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on"]
     assert [info.name for info in registry.BUILTIN_OPTIMIZERS] == [
         "sgd",
         "sam",
@@ -38,6 +38,7 @@ def test_list_in_registration_order():
         "gsam",
         "wsam",
         "fsam",
+        "sam_on",
     ]
 
 
@@ -183,7 +184,7 @@ def test_register_rejects_duplicates_and_appends(monkeypatch):
         options=(OptimOption("rho", "sam_rho", 0.1, "rho", NON_NEGATIVE),),
     )
     assert register_optimizer(info) is info
-    assert list_optimizers() == ["sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam2"]
+    assert list_optimizers() == ["sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on", "sam2"]
     assert info.describe({"rho": 0.1}) == "SAM2"
     opt = create_optimizer("sam2", params(), SGD, rho=0.3, lr=0.1)
     assert opt.param_groups[0]["rho"] == 0.3
@@ -229,7 +230,9 @@ def test_options_are_constructor_keywords_with_the_same_defaults(name):
         return
     keywords = _constructor_keywords(info.cls)
     assert {o.name for o in info.options} <= keywords, keywords
-    opt = create_optimizer(name, params(), SGD, lr=0.1)  # every default accepted
+    # every default accepted (SAM-ON takes the model: a normalisation layer to perturb)
+    model = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    opt = create_optimizer(name, model if info.param_groups else params(), SGD, lr=0.1)
     for o in info.options:
         for klass in info.cls.__mro__:
             parameter = inspect.signature(klass.__init__).parameters.get(o.name)

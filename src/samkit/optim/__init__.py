@@ -16,6 +16,7 @@ from samkit.optim.registry import (
     register_optimizer,
 )
 from samkit.optim.sam import SAM
+from samkit.optim.sam_on import sam_on_groups
 
 __all__ = [
     "ESAM",
@@ -27,5 +28,6 @@ __all__ = [
     "get_optimizer_info",
     "list_optimizers",
     "register_optimizer",
+    "sam_on_groups",
     "unwrap",
 ]

@@ -208,13 +208,17 @@ class SharpnessAwareOptimizer(Optimizer):
         self.unperturb()
         self._failed_pass = self._failed_pass or reason
 
-    def _plan(self) -> StepPlan:
-        """The parameters that have a gradient now, per param group (see ``_flat.StepPlan``).
+    def _plan(self, perturbed_only: bool = False) -> StepPlan:
+        """The parameters that have a gradient now, per param group (see ``_flat.StepPlan``);
+        with ``perturbed_only``, only those of the groups that join the perturbation (the
+        group option ``perturb``, SAM-ON).
 
         On the foreach path the plan is reused while the same parameters have gradients; with
         ``foreach=False`` it is made afresh at every pass, the per-tensor reference path."""
         groups, ids = [], []
         for g in self.param_groups:
+            if perturbed_only and not g.get("perturb", True):  # absent: a state dict from before
+                continue
             params = [p for p in g["params"] if p.grad is not None]
             if params:
                 groups.append((g, params))

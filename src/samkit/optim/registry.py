@@ -11,7 +11,9 @@ configuration and the run labels are derived from these entries.
     opt = create_optimizer("esam", model.parameters(), torch.optim.SGD, beta=0.6, lr=0.1)
 
 keywords naming one of the method's options are validated and go to the method; every other
-keyword goes to the base optimizer (``lr``, ``momentum``, ...).
+keyword goes to the base optimizer (``lr``, ``momentum``, ...). ``params`` may be the model itself;
+methods that choose which parameters to perturb (``"sam_on"``) need it, or the param groups their
+helper builds (``samkit.optim.sam_on_groups(model)``).
 
 Adding an optimizer: write its module in ``samkit/optim/`` (a ``SharpnessAwareOptimizer``
 subclass, usually of ``SAM``), then add ONE entry to ``BUILTIN_OPTIMIZERS`` below (or call
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit.domains import SCALE, SEED, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
@@ -33,6 +35,7 @@ from samkit.optim.esam import ESAM, SDS_CRITERIA
 from samkit.optim.friendly_sam import FriendlySAM
 from samkit.optim.gsam import GSAM
 from samkit.optim.sam import SAM
+from samkit.optim.sam_on import sam_on_groups
 from samkit.optim.wsam import WSAM
 
 __all__ = [
@@ -108,7 +111,9 @@ class OptimInfo:
     step takes SAM's two passes; ``supports_sync_perturbations`` whether the step helper may
     all-reduce the first-pass gradients (ESAM may not: its weight masks leave parameters without
     first-pass gradients). ``label(values)`` formats the run label from the option values (all
-    options present); use :meth:`describe`.
+    options present); use :meth:`describe`. ``param_groups(model)``, for a method that chooses
+    which parameters to perturb, builds its param groups from the model (None: all of the
+    model's parameters, one group).
     """
 
     name: str
@@ -119,6 +124,9 @@ class OptimInfo:
     sharpness_aware: bool = True
     supports_sync_perturbations: bool = True
     label: Callable[[Mapping[str, Any]], str] | None = field(default=None, compare=False)
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = field(
+        default=None, compare=False
+    )
 
     def __post_init__(self) -> None:
         names = [o.name for o in self.options]
@@ -169,6 +177,10 @@ def _sam_label(v: Mapping[str, Any]) -> str:
 def _esam_label(v: Mapping[str, Any]) -> str:
     text = f"ESAM rho={v['rho']:g} beta={v['beta']:g} gamma={v['gamma']:g}"
     return text + (" adaptive" if v["adaptive"] else "")
+
+
+def _sam_on_label(v: Mapping[str, Any]) -> str:
+    return f"{'ASAM' if v['adaptive'] else 'SAM'}-ON rho={v['rho']:g}"
 
 
 def _gsam_label(v: Mapping[str, Any]) -> str:
@@ -349,6 +361,17 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
         ),
         label=_fsam_label,
     ),
+    OptimInfo(
+        name="sam_on",
+        cls=SAM,
+        description="SAM-ON: SAM perturbing only the normalisation layers' affine parameters "
+        "(norm over them alone); every parameter is updated (two passes)",
+        paper="Mueller et al., Normalization Layers Are All That Sharpness-Aware Minimization "
+        "Needs, NeurIPS 2023",
+        options=(_RHO, _ADAPTIVE),
+        label=_sam_on_label,
+        param_groups=sam_on_groups,
+    ),
 )
 
 _REGISTRY: dict[str, OptimInfo] = {}
@@ -378,11 +401,13 @@ def list_optimizers() -> list[str]:
 
 def create_optimizer(
     name: str,
-    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
     base_optimizer: type[Optimizer] | Optimizer,
     **kwargs: Any,
 ) -> Optimizer:
-    """Build method ``name`` over ``params`` around ``base_optimizer``.
+    """Build method ``name`` over ``params`` (a model, its parameters or param groups) around
+    ``base_optimizer``. A model gives its param groups for the method (``info.param_groups``,
+    SAM-ON's), else all of its parameters in one group.
 
     Keywords that are options of the method (``get_optimizer_info(name).options``) are validated
     (ValueError naming the optimizer, the option and its domain) and passed to the method;
@@ -392,6 +417,16 @@ def create_optimizer(
     """
     info = get_optimizer_info(name)
     info.validate(kwargs)
+    if isinstance(params, nn.Module):
+        params = info.param_groups(params) if info.param_groups else list(params.parameters())
+    elif info.param_groups is not None:
+        params = list(params)
+        if not all(isinstance(g, dict) for g in params):
+            raise ValueError(
+                f"optimizer {name!r} chooses which parameters to perturb from the model: pass "
+                f"the model itself (create_optimizer({name!r}, model, ...)) or the param groups "
+                f"it builds ({info.param_groups.__module__}.{info.param_groups.__name__}(model))"
+            )
     if info.cls is not None:
         return info.cls(params, base_optimizer, **kwargs)
     if isinstance(base_optimizer, Optimizer):

@@ -13,6 +13,11 @@ With ``ascent_steps = k > 1`` the inner maximisation is k steps of projected gra
 rho-ball (paper App. C.6). In the scaled coordinates ``y = e / (rho T)`` the ball is the unit ball:
 ``y <- Proj(y + dir(T g))`` with ``dir`` the normalised (p = 2) or sign (p = inf) ascent direction;
 the first step from ``y = 0`` is the ordinary SAM step above. (Variants: ``_base``'s hooks.)
+
+The param-group option ``perturb`` (default True) chooses which parameters join ``e`` and its
+norm: a group with ``perturb=False`` stays at ``w`` in the second pass and is left out of
+``||g||``, but is still updated by ``O`` with ``g_sam``. SAM-ON perturbs only the normalisation
+layers' affine parameters (``samkit.optim.sam_on.sam_on_groups``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ class SAM(SharpnessAwareOptimizer):
     ``base_optimizer`` is an optimizer class (built here on the same param groups with
     ``base_kwargs``) or an optimizer instance over the same parameters; its ``param_groups`` and
     ``state`` are shared (see ``SharpnessAwareOptimizer``). ``rho`` and ``adaptive`` may differ per
-    param group. Usage, as in davda54/sam::
+    param group, and so may ``perturb`` (False: the group is not perturbed and not in the norm,
+    only updated; see the module docstring). Usage, as in davda54/sam::
 
         loss_fn(model(x), y).backward()
         optimizer.first_step(zero_grad=True)   # w -> w + e
@@ -75,8 +81,11 @@ class SAM(SharpnessAwareOptimizer):
     ) -> None:
         check_sam_arguments(rho, norm, adaptive_eta, eps, ascent_steps)
         self.norm, self.eps, self.ascent_steps = float(norm), eps, ascent_steps
-        defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta)
+        defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta, perturb=True)
         super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group)
+        for group in self.param_groups:
+            if not isinstance(group["perturb"], bool):
+                raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
         self._ascent_y: list[list[Tensor]] = []
 
     @on_owner
@@ -91,11 +100,14 @@ class SAM(SharpnessAwareOptimizer):
         ``scaler.step`` sees only the second pass's gradients."""
         self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
         self._failed_pass, self._awaiting_second_step = None, True
-        self._perturbed = plan = self._plan()  # the parameters with a gradient, per group
+        plan = self._plan()  # the parameters with a gradient, per group
         _refuse_sparse(plan.params)
         self._unscale(plan, _inverse_scale(scaler))
         if self.stores_clean_gradient:  # GSAM, WSAM: the update combines g with grad L(w + e)
             self._store_clean_grads(plan.params, plan.grads())
+        if not all(g.get("perturb", True) for g in self.param_groups):  # SAM-ON
+            plan = self._plan(perturbed_only=True)
+        self._perturbed = plan  # what moves to w + e, and what the norm of e is taken over
         ok = self._ascend(first=True, rho_factor=self._rho_factor())
         if not ok and scaler is not None and back_off:
             _back_off(scaler)

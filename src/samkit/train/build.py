@@ -288,7 +288,10 @@ def build_model(
 
 
 def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    """The registry's optimizer (plain SGD when rho is 0) over SGD with the run's settings."""
+    """The registry's optimizer (plain SGD when rho is 0) over SGD with the run's settings.
+
+    ``params``: the model (a method that chooses which parameters to perturb, SAM-ON, builds its
+    param groups from it), or its parameters."""
     sgd = dict(
         lr=cfg.learning_rate,
         momentum=cfg.momentum,
@@ -296,7 +299,12 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
         weight_decay=cfg.weight_decay if cfg.weight_decay_mode == "decoupled" else 0.0,
     )
     options = optimizer_options(cfg)
-    return create_optimizer(cfg.effective_optimizer, params, torch.optim.SGD, **options, **sgd)
+    try:
+        return create_optimizer(cfg.effective_optimizer, params, torch.optim.SGD, **options, **sgd)
+    except ValueError as exc:
+        if get_optimizer_info(cfg.effective_optimizer).param_groups is None:
+            raise
+        raise ConfigError(f"--optimizer {cfg.effective_optimizer}: {exc}") from None
 
 
 def build_loss(

@@ -141,7 +141,7 @@ def _train(
             cfg.bootstrap_from, data, device, workers=cfg.workers, log=log
         )
     model, sync_bn_layers = build.build_model(cfg, data.info, device, dist, log)
-    optimizer = build.build_optimizer(cfg, list(model.parameters()))
+    optimizer = build.build_optimizer(cfg, model)
     amp = build.amp_for(cfg, device, dist)
     step_fn = build.build_step(cfg, model, optimizer, device, dist, amp=amp)
     train_loader, eval_loader = build.build_loaders(cfg, data, device, dist)
