@@ -34,6 +34,7 @@ __all__ = [
     "build_loaders",
     "build_loss",
     "build_model",
+    "base_optimizer",
     "build_optimizer",
     "build_step",
     "describe_optimizer",
@@ -43,6 +44,9 @@ __all__ = [
     "resolve_paths",
     "run_dir_for",
 ]
+
+#: How run labels name the base optimizers (``--base-optimizer``).
+BASE_NAMES = {"sgd": "SGD", "adamw": "AdamW"}
 
 #: The holdout (``use_test_set=False``) is drawn with this seed whatever ``run_seed`` is, so
 #: that runs with different seeds are compared on the same validation images.
@@ -118,11 +122,16 @@ def eval_batch_size(requested: int | None, batch_size: int, in_memory: bool) -> 
 
 
 def describe_optimizer(cfg: TrainConfig) -> str:
-    """``SGD``, ``SAM rho=0.05``, ``ESAM rho=0.05 beta=0.5 gamma=0.5``, plus `` m=M``."""
+    """``SGD``, ``SAM rho=0.05``, ``ESAM rho=0.05 beta=0.5 gamma=0.5``, plus `` m=M``; over
+    AdamW: ``AdamW``, ``SAM rho=0.05 over AdamW``."""
     info = get_optimizer_info(cfg.effective_optimizer)
+    if cfg.base_optimizer != "sgd" and not info.sharpness_aware:
+        return BASE_NAMES[cfg.base_optimizer]
     text = info.describe(optimizer_options(cfg))
     if cfg.sharpness_aware and cfg.sam_m:
         text += f" m={cfg.sam_m}"
+    if cfg.base_optimizer != "sgd":
+        text += f" over {BASE_NAMES[cfg.base_optimizer]}"
     return text
 
 
@@ -287,20 +296,34 @@ def build_model(
     return model, sync_bn_layers
 
 
-def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    """The registry's optimizer (plain SGD when rho is 0) over SGD with the run's settings.
-
-    ``params``: the model (a method that chooses which parameters to perturb, SAM-ON, builds its
-    param groups from it), or its parameters."""
+def base_optimizer(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """``--base-optimizer``'s class and its keywords from the run's settings (the weight decay is
+    the base optimizer's own with ``--weight-decay-mode decoupled``, else 0)."""
+    weight_decay = cfg.weight_decay if cfg.weight_decay_mode == "decoupled" else 0.0
+    if cfg.base_optimizer == "adamw":
+        betas = (cfg.adamw_beta1, cfg.adamw_beta2)
+        return torch.optim.AdamW, dict(
+            lr=cfg.learning_rate, betas=betas, eps=cfg.adamw_eps, weight_decay=weight_decay
+        )
     sgd = dict(
         lr=cfg.learning_rate,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay if cfg.weight_decay_mode == "decoupled" else 0.0,
+        weight_decay=weight_decay,
     )
+    return torch.optim.SGD, sgd
+
+
+def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """The registry's optimizer (the base optimizer alone when rho is 0) over
+    ``--base-optimizer`` with the run's settings.
+
+    ``params``: the model (a method that chooses which parameters to perturb, SAM-ON, builds its
+    param groups from it), or its parameters."""
+    base, kwargs = base_optimizer(cfg)
     options = optimizer_options(cfg)
     try:
-        return create_optimizer(cfg.effective_optimizer, params, torch.optim.SGD, **options, **sgd)
+        return create_optimizer(cfg.effective_optimizer, params, base, **options, **kwargs)
     except ValueError as exc:
         if get_optimizer_info(cfg.effective_optimizer).param_groups is None:
             raise

@@ -26,7 +26,7 @@ from samkit.models import (
 )
 from samkit.optim import get_optimizer_info
 from samkit.rundir import CONFIG_FILE
-from samkit.train.config import SettingField, TrainConfig, settings
+from samkit.train.config import BASE_LEARNING_RATES, SettingField, TrainConfig, settings
 from samkit.train.errors import ConfigError
 
 __all__ = ["check_value", "config_from_values", "device_problem"]
@@ -131,6 +131,8 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
     elif rho is None:
         rho = TrainConfig.sam_rho
     v["sam_rho"] = rho
+    if v["learning_rate"] is None:
+        v["learning_rate"] = BASE_LEARNING_RATES[v["base_optimizer"]]
     if v["sync_perturbations"] and not info.supports_sync_perturbations:
         raise ConfigError(
             f"--sync-perturbations: not supported with --optimizer {info.name} (its weight masks "

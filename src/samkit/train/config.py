@@ -24,6 +24,8 @@ from samkit.models import list_model_families
 from samkit.optim.registry import get_optimizer_info, list_optimizers
 
 __all__ = [
+    "BASE_LEARNING_RATES",
+    "BASE_OPTIMIZERS",
     "RESUME_IGNORED",
     "settings_differences",
     "SEED_DEFAULTS",
@@ -33,6 +35,10 @@ __all__ = [
 ]
 
 _SAME = object()  # the command line's default is the field's own
+
+#: ``--base-optimizer``'s choices, and the command line's learning rate for each.
+BASE_OPTIMIZERS = ("sgd", "adamw")
+BASE_LEARNING_RATES = {"sgd": 0.1, "adamw": 0.001}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,16 +123,47 @@ class TrainConfig:
     # Optimisation
     learning_rate: float = _setting(
         0.1,
-        "peak learning rate; cosine decay to 0, updated every step",
+        "peak learning rate (default: 0.1; 0.001 with --base-optimizer adamw); cosine decay "
+        "to 0, updated every step",
         OPTIMISATION,
         seed="--learning_rate",
         metavar="LR",
         domain=domains.POSITIVE_SCALE,
+        flag_default=None,  # the default depends on --base-optimizer
+    )
+    base_optimizer: str = _setting(
+        "sgd",
+        "the optimizer that steps the weights, wrapped by --optimizer's method (alone with "
+        "--optimizer sgd): sgd (momentum, Nesterov: --momentum, --nesterov) or adamw "
+        "(--adamw-beta1, --adamw-beta2, --adamw-eps; its decoupled weight decay)",
+        OPTIMISATION,
+        choices=BASE_OPTIMIZERS,
     )
     momentum: float = _setting(
         0.9, "SGD momentum", OPTIMISATION, metavar="M", domain=domains.UNIT_CLOSED_OPEN
     )
     nesterov: bool = _setting(True, "Nesterov momentum (the seed always uses it)", OPTIMISATION)
+    adamw_beta1: float = _setting(
+        0.9,
+        "AdamW: decay of the moving average of the gradient",
+        OPTIMISATION,
+        metavar="BETA",
+        domain=domains.UNIT_CLOSED_OPEN,
+    )
+    adamw_beta2: float = _setting(
+        0.999,
+        "AdamW: decay of the moving average of the squared gradient",
+        OPTIMISATION,
+        metavar="BETA",
+        domain=domains.UNIT_CLOSED_OPEN,
+    )
+    adamw_eps: float = _setting(
+        1e-8,
+        "AdamW: added to the denominator (the root of the squared-gradient average)",
+        OPTIMISATION,
+        metavar="EPS",
+        domain=domains.UNIT_OPEN_CLOSED,
+    )
     weight_decay: float = _setting(
         5e-4,
         "weight decay of all parameters",
@@ -138,8 +175,9 @@ class TrainConfig:
     )
     weight_decay_mode: str = _setting(
         "decoupled",
-        "decoupled: in the base SGD step (outside the perturbation); loss: the seed's "
-        "0.5 * wd * ||w||^2 added to the loss, so it also enters the perturbation",
+        "decoupled: in the base optimizer's step (SGD's L2 term, AdamW's decoupled decay), "
+        "outside the perturbation; loss: the seed's 0.5 * wd * ||w||^2 added to the loss, so "
+        "it also enters the perturbation",
         OPTIMISATION,
         choices=("decoupled", "loss"),
         seed_default="loss",
@@ -173,7 +211,8 @@ class TrainConfig:
     optimizer: str = _setting(
         "sam",
         "; ".join(f"{name}: {get_optimizer_info(name).description}" for name in list_optimizers())
-        + " (over SGD; a sharpness-aware optimizer with --sam-rho 0 is plain SGD)",
+        + " (over --base-optimizer; a sharpness-aware optimizer with --sam-rho 0 is the base "
+        "optimizer alone)",
         OPTIMISATION,
         choices=tuple(list_optimizers()),
     )
