@@ -75,7 +75,7 @@ def test_state_dict_round_trip_continues_the_schedule():
         schedule.apply()
         schedule.step()
     state = schedule.state_dict()
-    assert state == {"steps_done": 7, "base_lr": LR0, "total_steps": 20}
+    assert state == {"steps_done": 7, "base_lr": LR0, "total_steps": 20, "warmup_steps": 0}
     fresh = CosineSchedule(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=LR0), LR0, 20)
     fresh.load_state_dict(state)
     assert fresh.apply() == pytest.approx(expected(7, 20), rel=1e-12)

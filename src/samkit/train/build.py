@@ -6,6 +6,7 @@ and, under torchrun, the process group's shape), so each can be called and teste
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from samkit.rundir import nested_run_dir
 from samkit.train import distributed
 from samkit.train.config import TrainConfig
 from samkit.train.errors import ConfigError
+from samkit.train.schedule import CosineSchedule
 from samkit.train.step import SharpnessAwareStep
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "build_model",
     "base_optimizer",
     "build_optimizer",
+    "build_schedule",
     "build_step",
     "describe_optimizer",
     "device_for",
@@ -43,6 +46,7 @@ __all__ = [
     "memory_format_for",
     "resolve_paths",
     "run_dir_for",
+    "warmup_steps",
 ]
 
 #: How run labels name the base optimizers (``--base-optimizer``).
@@ -328,6 +332,20 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
         if get_optimizer_info(cfg.effective_optimizer).param_groups is None:
             raise
         raise ConfigError(f"--optimizer {cfg.effective_optimizer}: {exc}") from None
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """``--warmup-epochs`` in steps, rounded half up (0.5 epoch of 15 steps: 8)."""
+    return int(math.floor(cfg.warmup_epochs * steps_per_epoch + 0.5))
+
+
+def build_schedule(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> CosineSchedule:
+    """The learning-rate schedule over ``--num-epochs``: the warm-up, then the cosine decay."""
+    total = cfg.num_epochs * steps_per_epoch
+    warmup = min(warmup_steps(cfg, steps_per_epoch), total)
+    return CosineSchedule(optimizer, cfg.learning_rate, total, warmup_steps=warmup)
 
 
 def build_loss(

@@ -133,6 +133,11 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
     v["sam_rho"] = rho
     if v["learning_rate"] is None:
         v["learning_rate"] = BASE_LEARNING_RATES[v["base_optimizer"]]
+    if v["warmup_epochs"] >= v["num_epochs"]:
+        raise ConfigError(
+            f"--warmup-epochs {v['warmup_epochs']:g}: must be shorter than --num-epochs "
+            f"{v['num_epochs']} (the cosine decay follows the warm-up)"
+        )
     if v["sync_perturbations"] and not info.supports_sync_perturbations:
         raise ConfigError(
             f"--sync-perturbations: not supported with --optimizer {info.name} (its weight masks "

@@ -131,6 +131,15 @@ class TrainConfig:
         domain=domains.POSITIVE_SCALE,
         flag_default=None,  # the default depends on --base-optimizer
     )
+    warmup_epochs: float = _setting(
+        0.0,
+        "linear learning-rate warm-up over the first EPOCHS epochs (fractions allowed, rounded "
+        "to whole steps), then the cosine decay over the remaining steps; GSAM's rho_t follows "
+        "the warmed-up learning rate",
+        OPTIMISATION,
+        metavar="EPOCHS",
+        domain=Interval(0, domains.MAX_EPOCHS),
+    )
     base_optimizer: str = _setting(
         "sgd",
         "the optimizer that steps the weights, wrapped by --optimizer's method (alone with "

@@ -61,7 +61,6 @@ from samkit.train.run import (
     set_aside_unusable,
     step_done,
 )
-from samkit.train.schedule import CosineSchedule
 from samkit.train.signals import StopSignals
 from samkit.train.state import RunState
 
@@ -145,7 +144,7 @@ def _train(
     amp = build.amp_for(cfg, device, dist)
     step_fn = build.build_step(cfg, model, optimizer, device, dist, amp=amp)
     train_loader, eval_loader = build.build_loaders(cfg, data, device, dist)
-    schedule = CosineSchedule(optimizer, cfg.learning_rate, cfg.num_epochs * len(train_loader))
+    schedule = build.build_schedule(cfg, optimizer, len(train_loader))
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     signals = StopSignals(distributed=dist is not None, device=device)
     run = Run(cfg, run_dir, device, dist, model, optimizer, step_fn, schedule, ema,
