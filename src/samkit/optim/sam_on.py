@@ -31,7 +31,8 @@ from torch import Tensor, nn
 __all__ = ["NORM_LAYERS", "sam_on_groups"]
 
 #: The layer types whose parameters SAM-ON perturbs (subclasses included: timm's
-#: ``BatchNormAct2d``, ``LayerNorm2d`` and ``GroupNorm1`` derive from these).
+#: ``BatchNormAct2d``, ``LayerNorm2d`` and ``GroupNormAct`` derive from these; its ``RmsNorm``,
+#: ``EvoNorm*`` and ``FilterResponseNorm*`` do not: pass them in ``norm_types``).
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
