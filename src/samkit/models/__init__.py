@@ -6,6 +6,7 @@ from samkit.models import (  # noqa: F401  (importing registers the built-in mod
     pyramidnet,
     shake_shake,
     small,
+    timm_models,
     wide_resnet,
 )
 from samkit.models.finetune import freeze_batchnorm_statistics, load_pretrained

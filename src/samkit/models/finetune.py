@@ -1,12 +1,16 @@
 """Fine-tuning helpers: load a local pretrained checkpoint into a model with a new head, and
 freeze BatchNorm statistics.
 
-``load_pretrained(model, path)`` reads a LOCAL file only (``torch.load(..., weights_only=True)``:
-no code is executed and nothing is downloaded), accepting a bare ``state_dict`` or a dict with a
-``"model"`` entry (as written by samkit's checkpoints), and drops the classification head's
-tensors when their shapes differ from the model's (a new class count: the model keeps its
-freshly initialised head). The head is the model's last ``nn.Linear`` (or the module named by
-``head=``); every other mismatch is an error unless ``strict_backbone=False``.
+``load_pretrained(model, path)`` reads a LOCAL file only (``torch.load(..., weights_only=True)``,
+or safetensors for ``*.safetensors``: no code is executed and nothing is downloaded), accepting a
+bare ``state_dict`` or a dict with a ``"model"`` entry (as written by samkit's checkpoints) or a
+``"state_dict"`` entry (timm's training checkpoints, whose ``argparse.Namespace`` of arguments is
+allowed, as timm allows it), and drops the classification head's tensors when their shapes differ
+from the model's (a new class count: the model keeps its freshly initialised head). The head is
+the model's last ``nn.Linear`` (timm models: the classifier(s) their ``pretrained_cfg`` names; or
+the module named by ``head=``); every other mismatch is an error unless ``strict_backbone=False``.
+For timm models a stem convolution (``pretrained_cfg["first_conv"]``) saved for another number of
+input channels is adapted as timm adapts it (summed over RGB for one channel).
 
 ``freeze_batchnorm_statistics(model)`` keeps every BatchNorm layer in evaluation mode (it
 normalises with, and never updates, its running statistics) even after ``model.train()``.
@@ -14,6 +18,7 @@ normalises with, and never updates, its running statistics) even after ``model.t
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 from collections.abc import Mapping
@@ -51,6 +56,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # stem convolutions with other in-channels
 
     @property
     def new_head(self) -> bool:
@@ -76,8 +82,21 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint {str(path)!r} is not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip/pickle/EOF/key errors: an unreadable file
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # safetensors holds tensors only
+
+            obj = load_file(path, device="cpu")
+        else:
+            # timm's training checkpoints keep their arguments as an argparse.Namespace: a plain
+            # attribute holder, rebuilt without running code (timm's own loader allows it too)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as exc:
+        raise ValueError(
+            f"pretrained checkpoint {str(path)!r}: reading .safetensors files needs the "
+            f"safetensors package ({exc})"
+        ) from exc
+    except Exception as exc:  # zip/pickle/EOF/key/header errors: an unreadable file
         reason = _short_reason(exc)
         if isinstance(exc, pickle.UnpicklingError) and "unsupported global" in reason.lower():
             raise ValueError(
@@ -88,14 +107,16 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             f"cannot read pretrained checkpoint {str(path)!r}: file is corrupt or truncated "
             f"({reason})"
         ) from exc
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
+    for key in ("model", "state_dict"):  # samkit's checkpoints, timm's training checkpoints
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise ValueError(
             f"pretrained checkpoint {str(path)!r} holds neither a state_dict nor a dict with a "
-            f"'model' state_dict (found {type(obj).__name__})"
+            f"'model' or 'state_dict' state_dict (found {type(obj).__name__})"
         )
     state = dict(obj)
     for prefix in _WRAPPER_PREFIXES:
@@ -122,6 +143,43 @@ def _few(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _timm_cfg_modules(model: nn.Module, key: str) -> tuple[str, ...]:
+    """The modules a timm model's ``pretrained_cfg[key]`` names (``"classifier"``: one, or two for
+    distilled models; ``"first_conv"``), if all exist in ``model``; else ()."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    names = cfg.get(key) if isinstance(cfg, Mapping) else None
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    modules = dict(model.named_modules())
+    ok = names and all(isinstance(n, str) and n in modules for n in names)
+    return names if ok else ()
+
+
+def _adapt_input_convs(
+    model: nn.Module, own: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> list[str]:
+    """Adapt, in ``state``, a timm model's stem convolution saved for another number of input
+    channels (``timm.models.adapt_input_conv``: summed over RGB for 1 channel, RGB repeated and
+    scaled for more); returns the keys adapted."""
+    adapted = []
+    for conv in _timm_cfg_modules(model, "first_conv"):
+        key = conv + ".weight"
+        mine, theirs = own.get(key), state.get(key)
+        if mine is None or theirs is None or mine.ndim != 4 or theirs.ndim != 4:
+            continue
+        if mine.shape[1] == theirs.shape[1] or mine.shape[:1] + mine.shape[2:] != (
+            theirs.shape[:1] + theirs.shape[2:]
+        ):
+            continue
+        from timm.models import adapt_input_conv  # a timm model: timm is installed
+
+        try:
+            state[key] = adapt_input_conv(mine.shape[1], theirs)
+        except (AssertionError, NotImplementedError):  # not RGB-like: stays a mismatch
+            continue
+        adapted.append(key)
+    return adapted
+
+
 def load_pretrained(
     model: nn.Module,
     path: str | Path,
@@ -131,7 +189,8 @@ def load_pretrained(
 ) -> LoadReport:
     """Load the local checkpoint ``path`` into ``model`` (in place) for fine-tuning.
 
-    Head tensors (those of module ``head``, by default :func:`find_head`) whose shapes differ
+    Head tensors (those of module ``head``, by default :func:`find_head`, or for a timm model the
+    classifier(s) its ``pretrained_cfg`` names) whose shapes differ
     from the model's are dropped, keeping the model's fresh head; they are listed in the
     returned report's ``dropped`` (and logged). With ``strict_backbone`` (default) any other
     difference (a missing or unexpected key, a shape mismatch outside the head) raises a
@@ -142,16 +201,20 @@ def load_pretrained(
     """
     path = Path(path)
     state = _read_checkpoint(path)
-    head = find_head(model) if head is None else head
-    if not head:
+    if head is None:
+        heads = _timm_cfg_modules(model, "classifier") or (find_head(model),)
+    elif not head:
         raise ValueError("head must name a submodule of the model")
-    head_prefix = head + "."
+    else:
+        heads = (head,)
+    head_prefixes = tuple(h + "." for h in heads)
     own = model.state_dict()
 
     def is_head(key: str) -> bool:
-        return key.startswith(head_prefix)
+        return key.startswith(head_prefixes)
 
     report = LoadReport(path=path)
+    report.adapted = _adapt_input_convs(model, own, state)
     to_load: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key not in own:
@@ -178,12 +241,14 @@ def load_pretrained(
         detail = "; ".join(f"{what}: {_few(keys)}" for what, keys in problems)
         raise ValueError(
             f"pretrained checkpoint {str(path)!r} does not match {type(model).__name__} "
-            f"(head {head!r}): {detail}"
+            f"(head {', '.join(map(repr, heads))}): {detail}"
         )
     model.load_state_dict(to_load, strict=False)
     report.loaded = list(to_load)
     if report.dropped:
         log.info("%s: new head, dropped %s", path, ", ".join(report.dropped))
+    if report.adapted:
+        log.info("%s: input channels adapted in %s", path, ", ".join(report.adapted))
     for what, keys in problems:
         log.warning("%s: not loaded, %s: %s", path, what, _few(keys))
     return report

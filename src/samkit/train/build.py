@@ -281,6 +281,8 @@ def build_model(
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--pretrained-checkpoint: {exc}") from None
         head = f"; new head ({', '.join(report.dropped)})" if report.new_head else ""
+        if report.adapted:
+            head += f"; input channels adapted ({', '.join(report.adapted)})"
         log(
             f"fine-tuning from {cfg.pretrained_checkpoint}: {len(report.loaded)} tensors "
             f"loaded{head}"

@@ -23,6 +23,7 @@ from samkit.models import (
     list_model_families,
     list_models,
     model_name_problem,
+    timm_models,
 )
 from samkit.optim import get_optimizer_info
 from samkit.rundir import CONFIG_FILE
@@ -72,9 +73,10 @@ def check_value(field: SettingField, value: Any) -> Any:
     return value
 
 
-def _check_model(name: str, dataset: str) -> None:
+def _check_model(name: str, dataset: str, image_size: int | None = None) -> None:
     """The model exists and is not absurdly large (counted on the meta device, before anything
-    is allocated: a typo like wrn_1000_1000 would otherwise allocate for minutes, then fail)."""
+    is allocated: a typo like wrn_1000_1000 would otherwise allocate for minutes, then fail); a
+    timm model also takes the data set's images (tried on the meta device)."""
     problem = model_name_problem(name)
     if problem is not None:
         known = ""
@@ -89,6 +91,15 @@ def _check_model(name: str, dataset: str) -> None:
             f"--model-name {name}: {count:,} parameters, more than samkit builds "
             f"({MAX_PARAMETERS:,})"
         )
+    if name.startswith(timm_models.PREFIX):
+        size = image_size or spec.image_size
+        problem = timm_models.input_problem(name, spec.num_classes or 1000, spec.in_channels, size)
+        if problem is not None:
+            raise ConfigError(
+                f"--model-name {name}: cannot take {dataset}'s {spec.in_channels}x{size}x{size} "
+                f"images ({problem}); a model with a fixed or minimum input size needs larger "
+                "images (--dataset image_folder or imagenet with --image-size)"
+            )
 
 
 def _kind_name(kind: type) -> str:
@@ -105,7 +116,7 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
     v = {name: field.flag_default for name, field in fields.items()}
     v.update({name: check_value(fields[name], value) for name, value in values.items()})
 
-    _check_model(v["model_name"], v["dataset"])
+    _check_model(v["model_name"], v["dataset"], v["image_size"])
     problem = device_problem(v["device"])
     if problem:
         raise ConfigError(problem)

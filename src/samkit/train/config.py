@@ -373,8 +373,8 @@ class TrainConfig:
     )
     pretrained_checkpoint: str | None = _setting(
         None,
-        "a LOCAL state_dict (or samkit checkpoint) file; a head with another class count "
-        "is replaced by a new one",
+        "a LOCAL state_dict file (a samkit or timm checkpoint, or .safetensors), read without "
+        "running code in it; a head with another class count is replaced by a new one",
         FINE_TUNING,
         seed="--efficientnet_checkpoint_path",
         aliases=("--efficientnet-checkpoint-path",),
