@@ -98,7 +98,7 @@ def test_optimizer_options_come_from_the_registry():
             assert field.setting.help == option.help
             assert field.setting.domain == option.domain
     assert train_parser()._option_string_actions["--optimizer"].choices == (
-        "sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on",
+        "sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on", "looksam", "rst", "msam",
     )  # fmt: skip
 
 

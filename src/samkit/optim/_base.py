@@ -159,6 +159,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed: StepPlan | None = None  # the parameters now at w + e
         self._failed_pass: str | None = None
         self._awaiting_second_step = False  # first_step ran, second_step not yet
+        self._ascent_skipped = False  # skip_ascent ran: this step is a plain base step
+        self._decision: bool | None = None  # wants_ascent's answer for this step
         # the gradients step(closure) left behind last time, by id(param): (tensor, version);
         # any other gradient it finds at its start was accumulated elsewhere
         self._grad_marks: dict[int, tuple[Tensor, int]] = {}
@@ -261,6 +263,10 @@ class SharpnessAwareOptimizer(Optimizer):
     #: Variants with state from a step's first pass (a clean gradient, a moving average) take
     #: one first pass per step: no m-sharpness chunks, no accumulated micro-batches.
     one_first_pass_per_step = False
+    #: Momentum-SAM: the weights are perturbed before the step's only pass (``pre_perturb``).
+    perturbs_before_first_pass = False
+    #: When to ascend (``samkit.optim.ascent_policy``); None: at every step.
+    ascent_policy: Any = None
 
     def _group_rho(self, group: dict[str, Any]) -> float:
         """rho of a param group for this step (GSAM schedules it with the learning rate)."""
@@ -273,6 +279,11 @@ class SharpnessAwareOptimizer(Optimizer):
     def _combine_gradients(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """Turn the second-pass gradients ``grads`` (local shards, in place) into the update's
         gradient, before clipping and the base step. SAM uses them as they are."""
+
+    def _combine_without_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """As :meth:`_combine_gradients`, for a step without ascent (``skip_ascent``): ``grads``
+        are the first pass's. The base optimizer's step on them as they are (LookSAM adds its
+        stored component)."""
 
     def _after_step(self, took: bool) -> None:
         """Called at the end of :meth:`second_step` (``took``: the base step ran)."""
@@ -337,8 +348,10 @@ class SharpnessAwareOptimizer(Optimizer):
         plan = self._plan()
         _refuse_sparse(plan.params)
         grads = plan.grads()
+        skipped = self._ascent_skipped
         if self._failed_pass is None:
-            self._combine_gradients(plan.params, grads)
+            combine = self._combine_without_ascent if skipped else self._combine_gradients
+            combine(plan.params, grads)
         foreach = self._plan_foreach(plan)
         grad_norm, norm_value = plan.norm_value(grads, foreach)  # the one sync
         self._last_grad_norm = grad_norm
@@ -349,7 +362,7 @@ class SharpnessAwareOptimizer(Optimizer):
             norm_value,
             max_grad_norm=max_grad_norm,
             failed_pass=failed_pass,
-            this_pass="second",
+            this_pass="first" if skipped else "second",
             owner=type(self).__name__,
             skipped_before=self.skipped_steps,
             foreach=foreach,
@@ -359,9 +372,50 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             self.skipped_steps += 1
         self._after_step(took)
+        if self.ascent_policy is not None:
+            self.ascent_policy.step_done(took)
+        self._ascent_skipped, self._decision = False, None
         if zero_grad:
             self.zero_grad()
         return took
+
+    @on_owner
+    def wants_ascent(self, *, scaler: Any = None, average: Any = None) -> bool:
+        """Whether this step takes SAM's ascent: ask after the first pass's backward, before
+        ``first_step``. True without an ``ascent_policy``. The answer holds until the step ends.
+
+        ``scaler``: the ``GradScaler`` whose scaled loss made the gradients (a policy that reads
+        ``||g||`` unscales it); ``average(t) -> t``: the mean of a tensor over data-parallel
+        replicas (the step helper passes one under DDP), so that every replica decides alike.
+        On no, call :meth:`skip_ascent` then ``second_step()``: one pass, the base step on the
+        first pass's gradient."""
+        if self._decision is None:
+            policy = self.ascent_policy
+            grad_sq = functools.partial(self._grad_sq, scaler, average)
+            self._decision = True if policy is None else bool(policy.decide(grad_sq))
+        return self._decision
+
+    def _grad_sq(self, scaler: Any, average: Any) -> float:
+        """``||g||^2`` of the current (first-pass) gradients, unscaled, averaged by ``average``."""
+        norm = self.grad_norm().to(torch.float64)
+        if scaler is not None and scaler.is_enabled():
+            norm = norm / scaler.get_scale()
+        squared = norm.square().reshape(1)
+        return float((average(squared) if average is not None else squared).item())
+
+    @on_owner
+    @torch.no_grad()
+    def skip_ascent(self) -> None:
+        """This step takes no ascent: the coming ``second_step()`` (or ``step()``) applies the
+        base optimizer to the current gradients, the first pass's, with the same guards."""
+        self.unperturb()
+        self._failed_pass, self._awaiting_second_step = None, True
+        self._ascent_skipped = True
+
+    @property
+    def ascent_skipped(self) -> bool:
+        """True between :meth:`skip_ascent` and the end of that step."""
+        return self._owner._ascent_skipped
 
     def _mark_gradients(self) -> None:
         """Remember the gradients this step leaves behind (see ``_refuse_foreign_gradients``)."""
@@ -427,6 +481,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """The base optimizer's state dict, plus samkit's counters under ``"samkit"``."""
         state = self.base_optimizer.state_dict()
         state["samkit"] = {"skipped_steps": self.skipped_steps}
+        if self.ascent_policy is not None:
+            state["samkit"]["ascent_policy"] = self.ascent_policy.state_dict()
         return state
 
     @on_owner
@@ -438,6 +494,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self.state = self.base_optimizer.state
         self._keys, self._plans = None, {}
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        if self.ascent_policy is not None and "ascent_policy" in extra:
+            self.ascent_policy.load_state_dict(extra["ascent_policy"])
 
 
 def check_sam_arguments(

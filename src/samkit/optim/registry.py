@@ -31,9 +31,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit.domains import SCALE, SEED, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
+from samkit.optim.ascent_policy import RST
 from samkit.optim.esam import ESAM, SDS_CRITERIA
 from samkit.optim.friendly_sam import FriendlySAM
 from samkit.optim.gsam import GSAM
+from samkit.optim.looksam import LookSAM
+from samkit.optim.momentum_sam import MomentumSAM
 from samkit.optim.sam import SAM
 from samkit.optim.sam_on import sam_on_groups
 from samkit.optim.wsam import WSAM
@@ -200,6 +203,14 @@ def _fsam_label(v: Mapping[str, Any]) -> str:
     return f"F-SAM rho={v['rho']:g} sigma={v['sigma']:g} lambda={v['lmbda']:g}" + (
         " adaptive" if v["adaptive"] else ""
     )
+
+
+def _looksam_label(v: Mapping[str, Any]) -> str:
+    return f"LookSAM rho={v['rho']:g} k=5 alpha=0.7" + (" adaptive" if v["adaptive"] else "")
+
+
+def _rst_label(v: Mapping[str, Any]) -> str:
+    return f"RST rho={v['rho']:g} p=0.5" + (" adaptive" if v["adaptive"] else "")
 
 
 _RHO = OptimOption(
@@ -371,6 +382,48 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
         options=(_RHO, _ADAPTIVE),
         label=_sam_on_label,
         param_groups=sam_on_groups,
+    ),
+    # SAM on some steps only, or no extra pass (samkit.optim.ascent_policy, looksam, momentum_sam);
+    # their other options (k, alpha, p and its schedule, ...) are the classes' keywords.
+    OptimInfo(
+        name="looksam",
+        cls=LookSAM,
+        description="LookSAM: SAM every 5th step; the steps between take one pass and add 0.7 "
+        "times the last SAM step's gradient component orthogonal to the clean one (1.2 passes)",
+        paper="Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022",
+        options=(_RHO, _ADAPTIVE),
+        label=_looksam_label,
+    ),
+    OptimInfo(
+        name="rst",
+        cls=RST,
+        description="RST / SS-SAM: each step is SAM with probability 0.5, else one plain pass "
+        "(1.5 passes on average)",
+        paper="Zhao et al., Randomized Sharpness-Aware Training for Boosting Computational "
+        "Efficiency in Deep Learning, 2022",
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(  # the trainer passes its run seed: the same draws on every replica
+                name="seed",
+                flag="run_seed",
+                default=0,
+                help="seed of RST's draws",
+                domain=SEED,
+                kind=int,
+            ),
+        ),
+        label=_rst_label,
+    ),
+    OptimInfo(
+        name="msam",
+        cls=MomentumSAM,
+        description="Momentum-SAM: perturb along minus the base optimizer's momentum before "
+        "the step's only pass (one pass)",
+        paper="Becker et al., Momentum-SAM: Sharpness Aware Minimization without Computational "
+        "Overhead, 2024",
+        options=(_RHO,),
+        label=lambda v: f"MSAM rho={v['rho']:g}",
     ),
 )
 

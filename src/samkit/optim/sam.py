@@ -100,6 +100,7 @@ class SAM(SharpnessAwareOptimizer):
         ``scaler.step`` sees only the second pass's gradients."""
         self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
         self._failed_pass, self._awaiting_second_step = None, True
+        self._ascent_skipped = False
         plan = self._plan()  # the parameters with a gradient, per group
         _refuse_sparse(plan.params)
         self._unscale(plan, _inverse_scale(scaler))
@@ -211,8 +212,10 @@ class SAM(SharpnessAwareOptimizer):
         self._refuse_foreign_gradients()
         closure = torch.enable_grad()(closure)
         loss = closure()
+        if not self.wants_ascent(scaler=scaler):  # an ascent policy's no: one pass
+            self.skip_ascent()
         # an overflow leaves its non-finite gradients for scaler.step to find: one back-off
-        if self.first_step(scaler=scaler, back_off=False):
+        elif self.first_step(scaler=scaler, back_off=False):
             for _ in range(self.ascent_steps - 1):
                 closure()
                 if not self.ascent_step(scaler=scaler, back_off=False):

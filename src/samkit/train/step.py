@@ -24,6 +24,9 @@
   shard of each weight, so there is no per-replica perturbation; the first-pass gradient is
   reduce-scattered and its norm summed over the shards, which gives exactly the global-batch
   perturbation (``sync_perturbations`` is True; passing False is an error).
+* An optimizer's ``ascent_policy`` (AE-SAM, RST, late-phase SAM, LookSAM) is asked after the
+  first pass (``wants_ascent``); a no makes the step a base step on that pass's gradient (one
+  pass). Momentum-SAM (``perturbs_before_first_pass``) is perturbed before its only pass.
 * SyncBatchNorm: its forward (in training mode) and backward are collectives, so every replica
   must run the same passes. The BatchNorm policy above applies to it unchanged (batch statistics
   of the global batch, running buffers from the first pass only), and whether a first pass or an
@@ -124,7 +127,8 @@ class SharpnessAwareStep:
                 "sync_perturbations is not supported with ESAM: its weight masks leave parameters "
                 "without first-pass gradients, which a synchronised DDP backward cannot reduce"
             )
-        if getattr(optimizer, "one_first_pass_per_step", False) and (
+        may_skip = getattr(optimizer, "ascent_policy", None) is not None  # asked once per step
+        if (getattr(optimizer, "one_first_pass_per_step", False) or may_skip) and (
             m is not None or accumulation_steps > 1
         ):
             raise ValueError(
@@ -148,6 +152,11 @@ class SharpnessAwareStep:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}")
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        if may_skip and bn_stats == "second":
+            raise ValueError(
+                f"{type(optimizer).__name__} skips the second pass on some steps: bn_stats must "
+                "be 'first' or 'both'"
+            )
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.m, self.accumulation_steps, self.max_grad_norm = m, accumulation_steps, max_grad_norm
         self.bn_stats, self.replay_rng = bn_stats, replay_rng
@@ -195,6 +204,8 @@ class SharpnessAwareStep:
             weight = x.shape[0] / batch / self.accumulation_steps
             sync = last_micro and i == len(starts) - 1
             chunk = self._sam_chunk if is_sam else self._plain_chunk
+            if is_sam and self.optimizer.perturbs_before_first_pass:
+                chunk = self._pre_perturbed_chunk
             out, loss = chunk(x, y, weight, sync)
             outputs.append(out)
             losses.append(loss * x.shape[0] / batch)
@@ -227,6 +238,15 @@ class SharpnessAwareStep:
             loss = per_sample.mean()
             if loss.requires_grad:  # False only when ESAM's SWP dropped every tensor
                 self._backward(loss)
+        average = self._replica_average()
+        if not opt.wants_ascent(scaler=self.grad_scaler, average=average):
+            # the first pass's gradient is the update's (unscaled in _apply_sam; one first pass
+            # per step, so no accumulated sum); under DDP that pass ran under no_sync
+            if average is not None:
+                for p in (p for p in self._params if p.grad is not None):
+                    p.grad.copy_(average(p.grad))
+            opt.skip_ascent()
+            return out.detach(), loss.detach()
         self._unscale_first_pass()
         ok = self._agree_ok(opt.first_step())
         for _ in range(opt.ascent_steps - 1):
@@ -256,6 +276,17 @@ class SharpnessAwareStep:
         finally:  # an exception here (e.g. out of memory) must not leave the model at w + e
             opt.unperturb()
         return out.detach(), loss.detach()
+
+    def _pre_perturbed_chunk(
+        self, x: Tensor, y: Tensor, weight: float, sync: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Momentum-SAM: one plain pass at w~; second_step (or a failure here) restores w."""
+        self.optimizer.pre_perturb()
+        try:
+            return self._plain_chunk(x, y, weight, sync)
+        except BaseException:
+            self.optimizer.unperturb()
+            raise
 
     def _plain_chunk(
         self, x: Tensor, y: Tensor, weight: float, sync: bool
@@ -375,6 +406,19 @@ class SharpnessAwareStep:
         flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return flag.item() == 1.0
+
+    def _replica_average(self) -> Callable[[Tensor], Tensor] | None:
+        """Under DDP with per-replica first passes, the mean over the replicas (all decide an
+        ascent alike from it, and a step without one averages its gradient); else None."""
+        group = getattr(self.model, "process_group", None)
+        if not self._distributed() or self.sync_perturbations:
+            return None
+
+        def average(t: Tensor) -> Tensor:
+            dist.all_reduce(t, group=group)
+            return t / dist.get_world_size(group)
+
+        return average
 
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and hasattr(self.model, "no_sync")
