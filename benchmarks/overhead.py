@@ -52,6 +52,9 @@ momentum 0.9, no weight decay, base optimizer ``torch.optim.SGD`` with its defau
 * ``gsam`` / ``wsam`` / ``fsam``: the SAM family's two-pass variants from the optimizer registry
   with its defaults, raw API as ``sam`` (their extra work: keeping the clean gradient and the
   combination, or the gradients' moving average).
+* ``looksam`` / ``rst`` / ``msam``: the registry's methods that take fewer passes, through
+  ``step(closure)`` (which runs the second pass only when the method ascends): LookSAM (k = 5),
+  RST (p = 0.5, seeded draws, so the same steps ascend in every run), Momentum-SAM (one pass).
 
 Timing: every variant first runs ``warmup`` untimed steps; then rounds, each visiting all
 variants in a rotated order (round r starts at variant r) and, for each, running ``round_warmup``
@@ -145,6 +148,9 @@ VARIANTS: dict[str, str] = {
     "gsam": "GSAM raw first_step/second_step (registry defaults)",
     "wsam": "WSAM raw first_step/second_step (decoupled)",
     "fsam": "Friendly-SAM raw first_step/second_step",
+    "looksam": "LookSAM.step(closure), k=5 (1.2 passes per step)",
+    "rst": "RST.step(closure), p=0.5 (1.5 passes per step on average)",
+    "msam": "Momentum-SAM.step(closure) (1 pass)",
 }
 
 # Per-model timing defaults: (repeats, steps_per_sample, round_warmup, warmup).
@@ -317,6 +323,19 @@ def make_variant(
             opt.first_step(zero_grad=True)
             F.cross_entropy(model(x), y).backward()
             opt.second_step(zero_grad=True)
+
+    elif name in ("looksam", "rst", "msam"):  # fewer passes: step(closure) decides how many
+        opt = create_optimizer(name, params, torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+        objs["opt"] = opt
+
+        def loss_closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        def step() -> None:
+            opt.step(loss_closure)
 
     else:
         raise ValueError(f"unknown variant {name!r}")

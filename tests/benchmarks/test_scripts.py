@@ -48,6 +48,9 @@ def test_overhead_quick_run_writes_every_variant_target_and_the_allocator_settin
             "gsam",
             "wsam",
             "fsam",
+            "looksam",
+            "rst",
+            "msam",
         }
         rounds = model["timing"]["rounds"]
         for v in variants.values():
