@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from samkit.optim import _conventions, numerics
 from samkit.optim import _functional as F
-from samkit.optim import numerics
 from samkit.optim._flat import FlatStore, StepPlan
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -67,17 +67,6 @@ def on_owner(method: _Method) -> _Method:
 #: Plans kept for reuse: the first and second pass usually have the same parameters (one plan);
 #: a few more cover alternating sets without letting ESAM's random subsets pile up.
 MAX_PLANS = 4
-
-
-FOREIGN_GRADIENTS = (
-    "{name}.step(closure): the parameters already hold gradients that this optimizer's last step "
-    "did not leave: a first pass run before step(), or micro-batches accumulated by a framework "
-    "(Lightning accumulate_grad_batches, Hugging Face gradient_accumulation_steps, Accelerate's "
-    "accumulate()). step(closure) runs both passes from zeroed gradients, so these would leak "
-    "into the update. Zero the gradients first (opt.zero_grad()); for a first pass of your own "
-    "call opt.first_step() and opt.second_step() around the second; to accumulate micro-batches "
-    "use samkit.train.SharpnessAwareStep(accumulation_steps=N) or a samkit.integrations module"
-)
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -417,64 +406,19 @@ class SharpnessAwareOptimizer(Optimizer):
         """True between :meth:`skip_ascent` and the end of that step."""
         return self._owner._ascent_skipped
 
-    def _mark_gradients(self) -> None:
-        """Remember the gradients this step leaves behind (see ``_refuse_foreign_gradients``)."""
-        self._grad_marks = {
-            id(p): (p.grad, p.grad._version)
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        }
+    # -- how frameworks call it (samkit.optim._conventions) ------------------------------------
 
     def _finish_step(self, closure: Callable[[], Any] | None) -> Any:
-        """``step()`` after ``first_step()``: ``closure`` (if any) as the second pass, then
-        ``second_step()``. Under ``GradScaler.step`` (see ``_step_supports_amp_scaling``) the
-        gradients are unscaled here, and an overflow it found skips the step."""
-        # set by GradScaler.step for this call only (it deletes them afterwards)
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if not self._awaiting_second_step:
-            if grad_scale is not None or found_inf is not None:
-                raise RuntimeError(
-                    f"{type(self).__name__}.step() was called by a GradScaler with no first_step() "
-                    "before it: with fp16, call first_step(grad_scaler=scaler) after the first "
-                    "backward, or step(closure, grad_scaler=scaler) (a framework that runs one "
-                    "backward and then scaler.step(optimizer), as Lightning's precision='16-mixed' "
-                    "with automatic optimisation, cannot run SAM's second pass: use bf16, or see "
-                    "docs/integrations.md)"
-                )
-            raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs the "
-                "forward and backward pass and returns the loss, e.g. opt.step(closure); or call "
-                "opt.first_step() and opt.second_step() around your own two passes"
-            )
-        loss = torch.enable_grad()(closure)() if closure is not None else None
-        if found_inf is not None and found_inf.item() > 0:
-            self.fail_step("second")
-        elif grad_scale is not None:
-            self._unscale(self._plan(), 1.0 / float(grad_scale))
-        self.second_step()
-        return loss
+        return _conventions.finish_step(self, closure)
 
-    @torch.no_grad()
     def _unscale(self, plan: StepPlan | None, inverse_scale: float) -> None:
-        """Multiply the current gradients of ``plan`` by ``inverse_scale`` (1 / loss scale)."""
-        if plan is not None and plan.params and inverse_scale != 1.0:
-            F.scale_(plan.grads(), inverse_scale, foreach=self._plan_foreach(plan))
+        _conventions.unscale(self, plan, inverse_scale)
 
     def _refuse_foreign_gradients(self) -> None:
-        """RuntimeError if a parameter holds a non-zero gradient that the last ``step(closure)``
-        did not leave (marks are kept by the closure form only: the two-call form costs nothing)."""
-        foreign = []
-        for g in self.param_groups:
-            for p in g["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                mark = self._grad_marks.get(id(p))
-                if mark is None or mark[0] is not grad or mark[1] != grad._version:
-                    foreign.append(numerics.local(grad))
-        if foreign and bool(torch.stack([g.ne(0).any().to("cpu") for g in foreign]).any()):
-            raise RuntimeError(FOREIGN_GRADIENTS.format(name=type(self).__name__))
+        _conventions.refuse_foreign_gradients(self)
+
+    def _mark_gradients(self) -> None:
+        _conventions.mark_gradients(self)
 
     @on_owner
     def state_dict(self) -> dict[str, Any]:
@@ -512,6 +456,13 @@ def check_sam_arguments(
         raise ValueError(f"eps must be > 0, got {eps!r}")
     if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
         raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
+
+
+def check_perturb_option(param_groups: list[dict[str, Any]]) -> None:
+    """ValueError unless every group's ``perturb`` (SAM-ON's choice) is a bool."""
+    for group in param_groups:
+        if not isinstance(group["perturb"], bool):
+            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
 
 
 def _refuse_sparse(params: list[Tensor]) -> None:

@@ -7,6 +7,8 @@ as a per-tensor loop, which is the reference the fast path is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -105,3 +107,18 @@ def abs_plus(tensors: list[Tensor], eta: float, *, foreach: bool) -> list[Tensor
         torch._foreach_add_(out, eta)
         return list(out)
     return [t.abs().add_(eta) for t in tensors]
+
+
+def project_to_unit_ball_(
+    ys: list[Tensor], norm: float, global_norm: Callable[..., Tensor], foreach: bool
+) -> None:
+    """Project ``ys`` (one vector) onto the unit ball of the p-norm, p = 2 or inf, in place.
+
+    ``global_norm(tensors, foreach, dtype)`` is the 2-norm of all of them (summed over shards)."""
+    if norm == 2.0:
+        y_norm = global_norm(ys, foreach, torch.float32).item()
+        if y_norm > 1.0:
+            scale_(ys, 1.0 / y_norm, foreach=foreach)
+    else:
+        for y in ys:
+            y.clamp_(-1.0, 1.0)

@@ -14,10 +14,8 @@ rho-ball (paper App. C.6). In the scaled coordinates ``y = e / (rho T)`` the bal
 ``y <- Proj(y + dir(T g))`` with ``dir`` the normalised (p = 2) or sign (p = inf) ascent direction;
 the first step from ``y = 0`` is the ordinary SAM step above. (Variants: ``_base``'s hooks.)
 
-The param-group option ``perturb`` (default True) chooses which parameters join ``e`` and its
-norm: a group with ``perturb=False`` stays at ``w`` in the second pass and is left out of
-``||g||``, but is still updated by ``O`` with ``g_sam``. SAM-ON perturbs only the normalisation
-layers' affine parameters (``samkit.optim.sam_on.sam_on_groups``).
+A param group with ``perturb=False`` stays at ``w``, out of ``||g||``, and is still updated with
+``g_sam`` (SAM-ON: only normalisation layers perturbed, ``samkit.optim.sam_on.sam_on_groups``).
 """
 
 from __future__ import annotations
@@ -30,14 +28,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from samkit.optim import _conventions
 from samkit.optim import _functional as F
 from samkit.optim._base import (
     ParamsT,
     SharpnessAwareOptimizer,
     _refuse_sparse,
+    check_perturb_option,
     check_sam_arguments,
     on_owner,
 )
+from samkit.optim._conventions import back_off_scale, inverse_scale
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -57,11 +58,9 @@ class SAM(SharpnessAwareOptimizer):
     Non-finite gradients in either pass skip the whole step (weights and optimizer state untouched):
     ``second_step`` returns False, ``skipped_steps`` counts it and a ``RuntimeWarning`` is issued.
 
-    With parameters sharded across ranks (FSDP) norms are summed over the shards, so the
-    perturbation equals the unsharded one: automatically for DTensor parameters (FSDP2
-    ``fully_shard``), over ``shard_group`` (a process group, or True for the default one) for
-    plain-tensor shards (FSDP1 flat parameters). Under DDP (replicated parameters) leave it None:
-    each replica perturbs with its own gradient, the paper's m-sharpness.
+    Sharded parameters (FSDP): norms are summed over the shards, automatically for DTensors
+    (FSDP2), over ``shard_group`` (a process group, or True) for FSDP1's flat shards. Under DDP
+    leave it None: each replica perturbs with its own gradient (the paper's m-sharpness).
     """
 
     def __init__(
@@ -83,9 +82,7 @@ class SAM(SharpnessAwareOptimizer):
         self.norm, self.eps, self.ascent_steps = float(norm), eps, ascent_steps
         defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta, perturb=True)
         super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group)
-        for group in self.param_groups:
-            if not isinstance(group["perturb"], bool):
-                raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
+        check_perturb_option(self.param_groups)
         self._ascent_y: list[list[Tensor]] = []
 
     @on_owner
@@ -94,24 +91,22 @@ class SAM(SharpnessAwareOptimizer):
         self, zero_grad: bool = False, *, scaler: Any = None, back_off: bool = True
     ) -> bool:
         """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite.
-
-        ``scaler``: the ``torch.amp.GradScaler`` whose scaled loss made these gradients; they
-        are unscaled first, and an overflow backs its scale off at once (``back_off``), since
-        ``scaler.step`` sees only the second pass's gradients."""
+        ``scaler``: fp16's ``GradScaler`` whose scaled loss made them: unscaled first; an overflow
+        backs its scale off at once (``back_off``): ``scaler.step`` sees only the second pass."""
         self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
         self._failed_pass, self._awaiting_second_step = None, True
         self._ascent_skipped = False
         plan = self._plan()  # the parameters with a gradient, per group
         _refuse_sparse(plan.params)
-        self._unscale(plan, _inverse_scale(scaler))
+        self._unscale(plan, inverse_scale(scaler))
         if self.stores_clean_gradient:  # GSAM, WSAM: the update combines g with grad L(w + e)
             self._store_clean_grads(plan.params, plan.grads())
         if not all(g.get("perturb", True) for g in self.param_groups):  # SAM-ON
             plan = self._plan(perturbed_only=True)
         self._perturbed = plan  # what moves to w + e, and what the norm of e is taken over
         ok = self._ascend(first=True, rho_factor=self._rho_factor())
-        if not ok and scaler is not None and back_off:
-            _back_off(scaler)
+        if not ok and back_off:
+            back_off_scale(scaler)
         if zero_grad:
             self.zero_grad()
         return ok
@@ -124,10 +119,10 @@ class SAM(SharpnessAwareOptimizer):
         """One more projected ascent step from the gradients at the current ``w + e``."""
         if not self._ascent_y:
             raise RuntimeError("ascent_step() needs first_step() first, with ascent_steps > 1")
-        self._unscale(self._perturbed, _inverse_scale(scaler))
+        self._unscale(self._perturbed, inverse_scale(scaler))
         ok = self._ascend(first=False, rho_factor=self._rho_factor())
-        if not ok and scaler is not None and back_off:
-            _back_off(scaler)
+        if not ok and back_off:
+            back_off_scale(scaler)
         if zero_grad:
             self.zero_grad()
         return ok
@@ -178,14 +173,7 @@ class SAM(SharpnessAwareOptimizer):
             for y, us in zip(self._ascent_y, base):
                 F.add_(y, us, alpha=coef, foreach=fe)
             coef, base = 1.0, self._ascent_y
-            flat = [y for ys in base for y in ys]
-            if self.norm == 2.0:
-                y_norm = plan.norm(flat, fe, torch.float32).item()
-                if y_norm > 1.0:
-                    F.scale_(flat, 1.0 / y_norm, foreach=fe)
-            else:
-                for y in flat:
-                    y.clamp_(-1.0, 1.0)
+            F.project_to_unit_ball_([y for ys in base for y in ys], self.norm, plan.norm, fe)
             plan.restore(fe)
         for (group, _), span, t, us in zip(plan.groups, plan.spans, scalings, base):
             rho = self._group_rho(group) * rho_factor * coef
@@ -201,48 +189,12 @@ class SAM(SharpnessAwareOptimizer):
         self, closure: Callable[[], Tensor] | None = None, *, scaler: Any = None
     ) -> Tensor | None:
         """Both passes: ``closure`` zeroes the grads, runs forward + backward, returns the loss.
-
-        After ``first_step()`` (the two-call form, as GradScaler, Accelerate and Lightning call
-        it): ``closure`` (if any) is the second pass, then ``second_step()``. With fp16,
-        ``scaler`` is the ``GradScaler`` whose scaled loss the closure backpropagates; call
-        ``scaler.update()`` afterwards, as usual.
-        """
-        if self._awaiting_second_step or closure is None:
-            return self._finish_step(closure)
-        self._refuse_foreign_gradients()
-        closure = torch.enable_grad()(closure)
-        loss = closure()
-        if not self.wants_ascent(scaler=scaler):  # an ascent policy's no: one pass
-            self.skip_ascent()
-        # an overflow leaves its non-finite gradients for scaler.step to find: one back-off
-        elif self.first_step(scaler=scaler, back_off=False):
-            for _ in range(self.ascent_steps - 1):
-                closure()
-                if not self.ascent_step(scaler=scaler, back_off=False):
-                    break
-            if self._failed_pass is None:
-                closure()
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(self)  # unscales, finds overflows, then calls step() (below)
-        else:
-            self.second_step()
-        self._mark_gradients()
-        return loss
+        After ``first_step()`` (as GradScaler, Accelerate, Lightning call it): ``closure`` (if
+        any) is the second pass, then ``second_step()``. ``scaler``: fp16's ``GradScaler``, whose
+        scaled loss the closure backpropagates (call ``scaler.update()`` afterwards)."""
+        return _conventions.two_pass_step(self, closure, scaler)
 
     @torch.no_grad()
     def unperturb(self) -> None:
         super().unperturb()
         self._ascent_y = []
-
-
-def _inverse_scale(scaler: Any) -> float:
-    """1 / the loss scale of an enabled ``GradScaler``; 1 without one."""
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return 1.0 / scaler.get_scale()
-
-
-def _back_off(scaler: Any) -> None:
-    """Lower the scale of an enabled ``GradScaler`` by its backoff factor (an overflow)."""
-    if scaler.is_enabled():
-        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())

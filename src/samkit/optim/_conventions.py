@@ -1,0 +1,131 @@
+"""How frameworks call a sharpness-aware optimizer, apart from the update itself.
+
+* ``step()`` after ``first_step()`` finishes the step (GradScaler, Accelerate, the HF Trainer and
+  Lightning call an optimizer so), and under ``GradScaler.step`` the optimizer unscales, or skips
+  an overflow, itself (torch's ``_step_supports_amp_scaling`` protocol), so that ``w`` is always
+  restored from ``w + e``.
+* ``step(closure)`` refuses gradients accumulated before it (a framework's micro-batches, a first
+  pass of the user's own): they would leak into the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from samkit.optim import _functional as F
+from samkit.optim import numerics
+from samkit.optim._flat import StepPlan
+
+FOREIGN_GRADIENTS = (
+    "{name}.step(closure): the parameters already hold gradients that this optimizer's last step "
+    "did not leave: a first pass run before step(), or micro-batches accumulated by a framework "
+    "(Lightning accumulate_grad_batches, Hugging Face gradient_accumulation_steps, Accelerate's "
+    "accumulate()). step(closure) runs both passes from zeroed gradients, so these would leak "
+    "into the update. Zero the gradients first (opt.zero_grad()); for a first pass of your own "
+    "call opt.first_step() and opt.second_step() around the second; to accumulate micro-batches "
+    "use samkit.train.SharpnessAwareStep(accumulation_steps=N) or a samkit.integrations module"
+)
+
+
+def two_pass_step(opt: Any, closure: Callable[[], Any] | None, scaler: Any) -> Any:
+    """``SAM.step``: the closure form of a step with an ascent (see its docstring)."""
+    if opt._awaiting_second_step or closure is None:
+        return finish_step(opt, closure)
+    refuse_foreign_gradients(opt)
+    closure = torch.enable_grad()(closure)
+    loss = closure()
+    if not opt.wants_ascent(scaler=scaler):  # an ascent policy's no: one pass
+        opt.skip_ascent()
+    # an overflow leaves its non-finite gradients for scaler.step to find: one back-off
+    elif opt.first_step(scaler=scaler, back_off=False):
+        for _ in range(opt.ascent_steps - 1):
+            closure()
+            if not opt.ascent_step(scaler=scaler, back_off=False):
+                break
+        if opt._failed_pass is None:
+            closure()
+    if scaler is not None and scaler.is_enabled():
+        scaler.step(opt)  # unscales, finds overflows, then calls step() (below)
+    else:
+        opt.second_step()
+    mark_gradients(opt)
+    return loss
+
+
+def finish_step(opt: Any, closure: Callable[[], Any] | None) -> Any:
+    """``step()`` after ``first_step()``: ``closure`` (if any) as the second pass, then
+    ``second_step()``. Under ``GradScaler.step`` (see ``_step_supports_amp_scaling``) the
+    gradients are unscaled here, and an overflow it found skips the step."""
+    # set by GradScaler.step for this call only (it deletes them afterwards)
+    grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    if not opt._awaiting_second_step:
+        if grad_scale is not None or found_inf is not None:
+            raise RuntimeError(
+                f"{type(opt).__name__}.step() was called by a GradScaler with no first_step() "
+                "before it: with fp16, call first_step(scaler=scaler) after the first "
+                "backward, or step(closure, scaler=scaler) (a framework that runs one "
+                "backward and then scaler.step(optimizer), as Lightning's precision='16-mixed' "
+                "with automatic optimisation, cannot run SAM's second pass: use bf16, or see "
+                "docs/integrations.md)"
+            )
+        raise RuntimeError(
+            f"{type(opt).__name__}.step() needs a closure that zeroes the gradients, runs the "
+            "forward and backward pass and returns the loss, e.g. opt.step(closure); or call "
+            "opt.first_step() and opt.second_step() around your own two passes"
+        )
+    loss = torch.enable_grad()(closure)() if closure is not None else None
+    if found_inf is not None and found_inf.item() > 0:
+        opt.fail_step("second")
+    elif grad_scale is not None:
+        unscale(opt, opt._plan(), 1.0 / float(grad_scale))
+    opt.second_step()
+    return loss
+
+
+@torch.no_grad()
+def unscale(opt: Any, plan: StepPlan | None, inverse_scale: float) -> None:
+    """Multiply the current gradients of ``plan`` by ``inverse_scale`` (1 / loss scale)."""
+    if plan is not None and plan.params and inverse_scale != 1.0:
+        F.scale_(plan.grads(), inverse_scale, foreach=opt._plan_foreach(plan))
+
+
+def mark_gradients(opt: Any) -> None:
+    """Remember the gradients this step leaves behind (see ``refuse_foreign_gradients``)."""
+    opt._grad_marks = {
+        id(p): (p.grad, p.grad._version)
+        for g in opt.param_groups
+        for p in g["params"]
+        if p.grad is not None
+    }
+
+
+def refuse_foreign_gradients(opt: Any) -> None:
+    """RuntimeError if a parameter holds a non-zero gradient that the last ``step(closure)``
+    did not leave (marks are kept by the closure form only: the two-call form costs nothing)."""
+    foreign = []
+    for g in opt.param_groups:
+        for p in g["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            mark = opt._grad_marks.get(id(p))
+            if mark is None or mark[0] is not grad or mark[1] != grad._version:
+                foreign.append(numerics.local(grad))
+    if foreign and bool(torch.stack([g.ne(0).any().to("cpu") for g in foreign]).any()):
+        raise RuntimeError(FOREIGN_GRADIENTS.format(name=type(opt).__name__))
+
+
+def inverse_scale(scaler: Any) -> float:
+    """1 / the loss scale of an enabled ``GradScaler``; 1 without one."""
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return 1.0 / scaler.get_scale()
+
+
+def back_off_scale(scaler: Any) -> None:
+    """Lower the scale of an enabled ``GradScaler`` by its backoff factor (an overflow)."""
+    if scaler is not None and scaler.is_enabled():
+        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
