@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,9 @@ def finish_step(opt: Any, closure: Callable[[], Any] | None) -> Any:
         raise RuntimeError(
             f"{type(opt).__name__}.step() needs a closure that zeroes the gradients, runs the "
             "forward and backward pass and returns the loss, e.g. opt.step(closure); or call "
-            "opt.first_step() and opt.second_step() around your own two passes"
+            "opt.first_step() and opt.second_step() around your own two passes (in the Hugging "
+            "Face Trainer: samkit.integrations.transformers.SAMTrainer; with Accelerate: "
+            "samkit.integrations.accelerate.sam_backward; see docs/integrations.md)"
         )
     loss = torch.enable_grad()(closure)() if closure is not None else None
     if found_inf is not None and found_inf.item() > 0:
@@ -102,9 +105,50 @@ def mark_gradients(opt: Any) -> None:
     }
 
 
+def refuse_framework_closure(opt: Any) -> None:
+    """RuntimeError for the two ways a framework can call ``step(closure)`` that the closure form
+    cannot serve: ``GradScaler.step(opt, closure)`` (the closure's gradients would stay scaled:
+    torch sets ``grad_scale`` / ``found_inf`` first), and Accelerate's ``AcceleratedOptimizer``
+    with gradient accumulation (inside ``accumulate()`` it skips ``step`` on the micro-batches that
+    do not synchronise, so their closures never run and those batches are silently lost)."""
+    name = type(opt).__name__
+    if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+        raise RuntimeError(
+            f"{name}.step(closure) was called by GradScaler.step(optimizer, closure) (e.g. "
+            "Accelerate's fp16 optimizer): the closure's gradients would stay scaled; use "
+            "step(closure, scaler=scaler), or samkit.integrations.accelerate.sam_backward"
+        )
+    wrapper = _accelerate_wrapper_calling()
+    if wrapper is not None and wrapper.gradient_state.num_steps > 1:
+        raise RuntimeError(
+            f"{name}.step(closure) through Accelerate with gradient_accumulation_steps="
+            f"{wrapper.gradient_state.num_steps}: inside accelerator.accumulate() Accelerate skips "
+            "step() on the micro-batches that do not synchronise, so their closures never run; "
+            "use samkit.integrations.accelerate.sam_backward"
+        )
+
+
+def _accelerate_wrapper_calling() -> Any:
+    """The ``accelerate`` ``AcceleratedOptimizer`` whose ``step`` is on the call stack, if any
+    (only when accelerate is imported; a few frames up: wrapper -> hooks -> this optimizer)."""
+    module = sys.modules.get("accelerate.optimizer")
+    if module is None:
+        return None
+    frame = sys._getframe(2)
+    for _ in range(10):
+        if frame is None:
+            return None
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, module.AcceleratedOptimizer):
+            return caller
+        frame = frame.f_back
+    return None
+
+
 def refuse_foreign_gradients(opt: Any) -> None:
     """RuntimeError if a parameter holds a non-zero gradient that the last ``step(closure)``
     did not leave (marks are kept by the closure form only: the two-call form costs nothing)."""
+    refuse_framework_closure(opt)
     foreign = []
     for g in opt.param_groups:
         for p in g["params"]:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from samkit.optim import _conventions
 from samkit.optim._base import ParamsT, on_owner
 from samkit.optim.numerics import is_dtensor
 from samkit.optim.sam import SAM
@@ -175,6 +176,7 @@ class ESAM(SAM):
             )
         # No check for gradients accumulated before: by its contract the closure never calls
         # backward, so ESAM's step always starts from zeroed gradients (documented above).
+        _conventions.refuse_framework_closure(self)
         scaled = scaler is not None and scaler.is_enabled()
 
         def backward(loss: Tensor) -> None:
