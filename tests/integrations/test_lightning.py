@@ -311,6 +311,27 @@ def test_momentum_sam_takes_one_pass(tmp_path):
     assert (t.global_step, net.forwards, net.model[1].num_batches_tracked.item()) == (4, 4, 4)
 
 
+class FailingNet(Net):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1 and not is_first_pass(self):
+            raise ValueError("boom at w + e")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_leaves_w_and_the_trainer_as_they_were(tmp_path):
+    batches = make_batches(3)
+    net = FailingNet(make_model(bn=True))
+    t = trainer(tmp_path, [SAMCallback()], gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    with pytest.raises(ValueError, match="boom"):
+        t.fit(net, loader(batches))
+    assert (t.gradient_clip_val, t.gradient_clip_algorithm) == (0.5, "value")
+    assert net.model[1].track_running_stats  # BatchNorm released
+    expected = reference(make_model(bn=True), batches[:1], clip=(0.5, "value"))
+    for key in ("0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"):  # the weights
+        # (the second step's first pass updated the BatchNorm buffers before the exception)
+        torch.testing.assert_close(net.model.state_dict()[key], expected.state_dict()[key])
+
+
 # -- what is refused --------------------------------------------------------------------------
 
 

@@ -225,6 +225,8 @@ class SAMCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        for opt in self._optimizers:  # an exception in a later pass must not leave w + e
+            opt.unperturb()
         self._give_back(trainer)
 
     def _give_back(self, trainer: pl.Trainer) -> None:
