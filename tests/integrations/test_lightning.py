@@ -37,6 +37,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers:UserWarning",
     "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
     "ignore:.*litlogger.*",
+    # the runs made without SAMCallback on purpose (to show what it fixes): the entry-point
+    # check warns there, as it should (tested in test_missing_callback_check_...)
+    "ignore:SAM trains with automatic optimisation without samkit's SAMCallback:UserWarning",
 )
 
 
@@ -408,6 +411,12 @@ def test_refusals_name_the_setting(tmp_path, net, kw, match):
     with pytest.raises(MisconfigurationException, match=match):
         fit(tmp_path, net, make_batches(2), **kw)
     assert net.forwards == 0
+
+
+def test_the_entry_point_adds_the_check_to_every_trainer(tmp_path):
+    # pyproject.toml registers missing_callback_check under lightning.pytorch.callbacks_factory
+    t = trainer(tmp_path, [])
+    assert any(type(c).__name__ == "_MissingCallbackCheck" for c in t.callbacks)
 
 
 def test_missing_callback_check_warns_about_what_would_be_wrong(tmp_path):

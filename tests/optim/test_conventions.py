@@ -291,3 +291,40 @@ def test_grad_scaler_without_first_step_is_a_clear_error():
     scaler.scale(scaled_loss(model, x, y)).backward()
     with pytest.raises(RuntimeError, match="called by a GradScaler with no first_step"):
         scaler.step(opt)
+
+
+def test_methods_called_on_lightnings_own_wrapper_act_on_the_optimizer():
+    lightning_optimizer = pytest.importorskip("lightning.pytorch.core.optimizer")
+    model, x, y = setup(11)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    wrapped = lightning_optimizer.LightningOptimizer(opt)
+    assert unwrap(wrapped) is opt
+    nn.functional.cross_entropy(model(x), y).backward()
+    wrapped.first_step(zero_grad=True)
+    assert opt.awaiting_second_step
+    (nn.functional.cross_entropy(model(x), y) * float("inf")).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert wrapped.second_step(zero_grad=True) is False
+    assert opt.skipped_steps == wrapped.skipped_steps == 1
+    assert opt.state_dict()["samkit"]["skipped_steps"] == 1
+
+
+def test_an_exception_in_a_later_pass_of_step_closure_restores_w():
+    model, x, y = setup(12)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory in the second pass")
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(MemoryError):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not opt.awaiting_second_step

@@ -52,14 +52,16 @@ def unwrap(optimizer: Any) -> Any:
 def on_owner(method: _Method) -> _Method:
     """Run ``method`` on the optimizer object that owns the per-step bookkeeping.
 
-    Lightning's ``LightningOptimizer`` is a subclass of the wrapped optimizer's class holding a
-    shallow copy of its ``__dict__``: ``opt.first_step()`` on it would set the perturbed set, the
-    failed pass and ``skipped_steps`` on the copy, and the real optimizer (which Lightning steps and
-    checkpoints) would never see them. Every public method runs on the original instead."""
+    Lightning's ``LightningOptimizer`` is an instance of a subclass of the wrapped optimizer's
+    class with its own ``__dict__`` (2.6: forwarding other attributes with ``__getattr__``; older
+    releases: a shallow copy of the optimizer's): ``opt.first_step()`` on it would set the
+    perturbed set, the failed pass and ``skipped_steps`` on the wrapper, and the real optimizer
+    (which Lightning steps and checkpoints) would never see them. Every public method runs on the
+    original instead: ``_owner`` is found on the wrapper by either route."""
 
     @functools.wraps(method)
     def run(self: SharpnessAwareOptimizer, *args: Any, **kwargs: Any) -> Any:
-        return method(self.__dict__.get("_owner", self), *args, **kwargs)
+        return method(getattr(self, "_owner", self), *args, **kwargs)
 
     return run  # type: ignore[return-value]
 

@@ -42,12 +42,17 @@ def two_pass_step(opt: Any, closure: Callable[[], Any] | None, scaler: Any) -> A
         opt.skip_ascent()
     # an overflow leaves its non-finite gradients for scaler.step to find: one back-off
     elif opt.first_step(scaler=scaler, back_off=False):
-        for _ in range(opt.ascent_steps - 1):
-            closure()
-            if not opt.ascent_step(scaler=scaler, back_off=False):
-                break
-        if opt._failed_pass is None:
-            closure()
+        try:
+            for _ in range(opt.ascent_steps - 1):
+                closure()
+                if not opt.ascent_step(scaler=scaler, back_off=False):
+                    break
+            if opt._failed_pass is None:
+                closure()
+        except BaseException:  # e.g. out of memory: never leave the model at w + e
+            opt.unperturb()
+            opt._awaiting_second_step = False
+            raise
     if scaler is not None and scaler.is_enabled():
         scaler.step(opt)  # unscales, finds overflows, then calls step() (below)
     else:
