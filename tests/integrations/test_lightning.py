@@ -439,7 +439,7 @@ def test_missing_callback_check_warns_about_what_would_be_wrong(tmp_path):
 
 
 class ManualNet(pl.LightningModule):
-    """The documented recipe (docs/integrations/lightning.md)."""
+    """The documented recipe (docs/integrations.md, PyTorch Lightning)."""
 
     def __init__(self, model, make_optimizer=sam):
         super().__init__()
