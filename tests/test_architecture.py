@@ -115,6 +115,7 @@ LAYERS = {
     "samkit.analysis": {"samkit.rundir", "samkit.data", "samkit.models"},
     "samkit.sweep": {"samkit.train", "samkit.rundir"},
     "samkit.report": {"samkit._version", "samkit.rundir", "samkit.analysis"},
+    "samkit.integrations": {"samkit.optim"},  # frameworks call the optimizers, nothing else
 }  # fmt: skip
 
 
