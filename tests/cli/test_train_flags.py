@@ -89,16 +89,20 @@ def test_seed_spellings_reach_the_config():
 
 
 def test_optimizer_options_come_from_the_registry():
-    esam = get_optimizer_info("esam")
     fields = {f.name: f for f in settings()}
-    for option in esam.options:
+    options = [o for n in ("esam", "looksam", "aesam", "rst", "late_sam")
+               for o in get_optimizer_info(n).options]  # fmt: skip
+    for option in options:
         field = fields[option.flag]
         assert field.default == option.default
         if option.flag != "run_seed":  # the run's seed, shared with everything else
             assert field.setting.help == option.help
             assert field.setting.domain == option.domain
+            assert field.setting.choices == option.choices
+            assert field.optional == option.optional
     assert train_parser()._option_string_actions["--optimizer"].choices == (
-        "sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on", "looksam", "rst", "msam",
+        "sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on", "looksam", "aesam", "rst",
+        "late_sam", "msam",
     )  # fmt: skip
 
 

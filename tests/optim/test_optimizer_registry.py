@@ -10,7 +10,16 @@ import torch
 from torch import nn
 from torch.optim import SGD, AdamW
 
-from samkit.domains import NON_NEGATIVE, SCALE, SEED, UNIT_OPEN_CLOSED
+from samkit.domains import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    SCALE,
+    SEED,
+    UNIT_CLOSED_OPEN,
+    UNIT_OPEN_CLOSED,
+    Interval,
+)
 from samkit.optim import (
     ESAM,
     SAM,
@@ -22,6 +31,8 @@ from samkit.optim import (
     register_optimizer,
     registry,
 )
+from samkit.optim.ascent_policy import AESAM, RST, RST_SCHEDULES, LateSAM
+from samkit.optim.looksam import LookSAM
 
 
 def params():
@@ -30,21 +41,10 @@ def params():
 
 
 def test_list_in_registration_order():
-    assert list_optimizers() == [
-        "sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on", "looksam", "rst", "msam",
-    ]  # fmt: skip
-    assert [info.name for info in registry.BUILTIN_OPTIMIZERS] == [
-        "sgd",
-        "sam",
-        "esam",
-        "gsam",
-        "wsam",
-        "fsam",
-        "sam_on",
-        "looksam",
-        "rst",
-        "msam",
-    ]
+    names = ["sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on", "looksam", "aesam", "rst",
+             "late_sam", "msam"]  # fmt: skip
+    assert list_optimizers() == names
+    assert [info.name for info in registry.BUILTIN_OPTIMIZERS] == names
 
 
 def test_entries():
@@ -163,6 +163,16 @@ def test_create_sgd_is_the_base_optimizer_alone():
         ("esam", {"sds_criterion": "grad"}, "one of 'sharpness', 'loss'"),
         ("esam", {"seed": -1}, r"'seed' must be an integer in \[0, 4294967295\]"),
         ("esam", {"seed": 1.5}, r"an integer in \[0, 4294967295\]"),
+        ("looksam", {"k": 0}, r"'k' must be an integer in \[1, 1000000000\], got 0"),
+        ("looksam", {"k": 2.0}, r"'k' must be an integer in \[1, 1000000000\]"),
+        ("looksam", {"alpha": -0.1}, r"'alpha' must be a number in \[0, 1000\]"),
+        ("aesam", {"delta": 1.0}, r"'delta' must be a number in \[0, 1\), got 1.0"),
+        ("aesam", {"lambda1": 1e4}, r"'lambda1' must be a number in \[-1000, 1000\]"),
+        ("aesam", {"lambda2": float("inf")}, r"'lambda2' must be a number in \[-1000, 1000\]"),
+        ("rst", {"p": 1.5}, r"'p' must be a fraction in \[0, 1\], got 1.5"),
+        ("rst", {"p_end": -0.1}, r"'p_end' must be a fraction in \[0, 1\] or None, got -0.1"),
+        ("rst", {"schedule": "step"}, "one of 'constant', 'piecewise', 'linear', 'cosine'"),
+        ("late_sam", {"start_fraction": 2}, r"'start_fraction' must be a fraction in \[0, 1\]"),
     ],
 )
 def test_bad_option_values_raise_naming_optimizer_option_and_domain(name, kwargs, text):
@@ -189,7 +199,7 @@ def test_register_rejects_duplicates_and_appends(monkeypatch):
         options=(OptimOption("rho", "sam_rho", 0.1, "rho", NON_NEGATIVE),),
     )
     assert register_optimizer(info) is info
-    assert list_optimizers()[-4:] == ["looksam", "rst", "msam", "sam2"]
+    assert list_optimizers()[-4:] == ["rst", "late_sam", "msam", "sam2"]
     assert info.describe({"rho": 0.1}) == "SAM2"
     opt = create_optimizer("sam2", params(), SGD, rho=0.3, lr=0.1)
     assert opt.param_groups[0]["rho"] == 0.3
@@ -245,3 +255,90 @@ def test_options_are_constructor_keywords_with_the_same_defaults(name):
                 assert parameter.default == o.default, (klass, o.name)
                 break
     assert opt.param_groups[0]["rho"] == info.option("rho").default
+
+
+def test_the_entries_of_the_methods_that_ascend_on_some_steps():
+    infos = {n: get_optimizer_info(n) for n in ("looksam", "aesam", "rst", "late_sam")}
+    assert {n: i.cls for n, i in infos.items()} == {
+        "looksam": LookSAM, "aesam": AESAM, "rst": RST, "late_sam": LateSAM,
+    }  # fmt: skip
+    options = {
+        n: {o.name: (o.flag, o.default, o.kind, o.domain, o.choices, o.optional) for o in i.options}
+        for n, i in infos.items()
+    }
+    threshold = Interval(-1000, 1000)
+    assert options == {
+        "looksam": {
+            "rho": ("sam_rho", 0.05, float, SCALE, None, False),
+            "adaptive": ("sam_adaptive", False, bool, None, None, False),
+            "k": ("looksam_k", 5, int, COUNT, None, False),
+            "alpha": ("looksam_alpha", 0.7, float, SCALE, None, False),
+        },
+        "aesam": {
+            "rho": ("sam_rho", 0.05, float, SCALE, None, False),
+            "adaptive": ("sam_adaptive", False, bool, None, None, False),
+            "delta": ("aesam_delta", 0.9, float, UNIT_CLOSED_OPEN, None, False),
+            "lambda1": ("aesam_lambda1", -1.0, float, threshold, None, False),
+            "lambda2": ("aesam_lambda2", 1.0, float, threshold, None, False),
+        },
+        "rst": {
+            "rho": ("sam_rho", 0.05, float, SCALE, None, False),
+            "adaptive": ("sam_adaptive", False, bool, None, None, False),
+            "p": ("rst_p", 0.5, float, FRACTION, None, False),
+            "p_end": ("rst_p_end", None, float, FRACTION, None, True),
+            "schedule": ("rst_schedule", "constant", str, None, RST_SCHEDULES, False),
+            "seed": ("run_seed", 0, int, SEED, None, False),
+        },
+        "late_sam": {
+            "rho": ("sam_rho", 0.05, float, SCALE, None, False),
+            "adaptive": ("sam_adaptive", False, bool, None, None, False),
+            "start_fraction": ("late_sam_start_fraction", 0.875, float, FRACTION, None, False),
+        },
+    }
+    for info in infos.values():
+        assert info.description and "\n" not in info.description and info.paper
+        assert all(o.help and "\n" not in o.help for o in info.options)
+
+
+def test_labels_of_the_methods_that_ascend_on_some_steps():
+    looksam, aesam, rst, late = (
+        get_optimizer_info(n) for n in ("looksam", "aesam", "rst", "late_sam")
+    )
+    assert looksam.describe({}) == "LookSAM rho=0.05 k=5 alpha=0.7"  # the label before the flags
+    assert looksam.describe({"k": 2, "alpha": 0.5, "adaptive": True}) == (
+        "LookSAM rho=0.05 k=2 alpha=0.5 adaptive"
+    )
+    assert aesam.describe({}) == "AE-SAM rho=0.05 delta=0.9 c=-1->1"
+    assert aesam.describe({"lambda1": 0.5, "lambda2": 0.5}) == "AE-SAM rho=0.05 delta=0.9 c=0.5"
+    assert rst.describe({}) == "RST rho=0.05 p=0.5"  # the label before the flags
+    assert rst.describe({"p": 0.8, "p_end": 0.2, "schedule": "cosine"}) == (
+        "RST rho=0.05 p=0.8->0.2 cosine"
+    )
+    assert late.describe({"start_fraction": 0.5, "rho": 0.1}) == "LateSAM rho=0.1 start=0.5"
+
+
+def test_create_the_methods_that_ascend_on_some_steps_with_their_options():
+    opt = create_optimizer("looksam", params(), SGD, k=3, alpha=0.4, lr=0.1)
+    assert (opt.ascent_policy.k, opt.alpha, opt.param_groups[0]["lr"]) == (3, 0.4, 0.1)
+    opt = create_optimizer("aesam", params(), SGD, delta=0.8, lambda1=-0.5, lambda2=2.0, lr=0.1)
+    policy = opt.ascent_policy
+    assert (policy.delta, policy.lambda1, policy.lambda2, policy.total_steps) == (
+        0.8, -0.5, 2.0, None,
+    )  # fmt: skip
+    opt = create_optimizer("rst", params(), SGD, p=0.3, p_end=0.9, schedule="linear", seed=2,
+                           total_steps=10, lr=0.1)  # fmt: skip
+    policy = opt.ascent_policy
+    assert (policy.p, policy.p_end, policy.schedule, policy.total_steps) == (0.3, 0.9, "linear", 10)
+    assert torch.equal(policy.generator.get_state(), torch.Generator().manual_seed(2).get_state())
+    opt = create_optimizer("late_sam", params(), SGD, start_fraction=0.25, lr=0.1)
+    assert (opt.ascent_policy.start_fraction, opt.ascent_policy.total_steps) == (0.25, None)
+    for name in ("aesam", "rst", "late_sam", "looksam"):  # one first pass per step: no m
+        assert get_optimizer_info(name).cls.one_first_pass_per_step
+
+
+def test_an_optional_option_takes_none():
+    with pytest.raises(ValueError, match="default None is not a fraction"):
+        OptimOption("p_end", "rst_p_end", None, "p", FRACTION)
+    option = OptimOption("p_end", "rst_p_end", None, "p", FRACTION, optional=True)
+    assert option.check(None) is None and option.check(0.5) is None
+    assert option.check(2.0) == option.describe_values() == "a fraction in [0, 1] or None"

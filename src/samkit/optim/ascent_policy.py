@@ -11,11 +11,12 @@ not applied (LookSAM's in-between update is its own hook, ``_combine_without_asc
 A policy decides once per step; ``steps`` (in ``state_dict``) counts the steps done, taken or
 skipped, like the learning-rate schedule's clock, so the first step has ``t = 0``. Schedules over
 training use ``t / total_steps`` (``total_steps``: the run's number of optimizer steps; settable
-after construction, ``optimizer.ascent_policy.total_steps = n``, and required by the schedules
-that use it before their first decision). Every decision is the same on every data-parallel
-replica (a different one would leave the replicas that ascend waiting in the second pass's
-all-reduce): the clock and the seeded generator are replicated, and AE-SAM's statistic is
-averaged over the replicas (one scalar all-reduce; see :class:`GradientNormPolicy`).
+after construction, ``optimizer.ascent_policy.total_steps = n``, as ``samkit train`` does, and
+required by the schedules that use it before their first decision). Every decision is the
+same on every data-parallel replica (a different one would leave the replicas that ascend waiting
+in the second pass's all-reduce): the clock and the seeded generator are replicated, and
+AE-SAM's statistic is averaged over the replicas (one scalar all-reduce; see
+:class:`GradientNormPolicy`).
 
 Policies (each any SAM-family optimizer can take: ``opt.ascent_policy = RandomPolicy(0.5)``):
 
@@ -265,6 +266,8 @@ class AESAM(SAM):
     its text) c_t rises from -1 to 1, so SAM runs on most steps early and on few late.
     ``total_steps`` is needed when ``lambda1 != lambda2``."""
 
+    one_first_pass_per_step = True  # a step decides from its one first pass
+
     def __init__(
         self,
         params: ParamsT,
@@ -286,6 +289,8 @@ class RST(SAM):
     """RST / SS-SAM: each step is SAM with probability ``p_t``, else the base optimizer alone
     (:class:`RandomPolicy`; expected cost ``1 + mean(p_t)`` passes per step). ``seed`` seeds the
     draws: give every data-parallel replica the same (``samkit train`` passes ``--run-seed``)."""
+
+    one_first_pass_per_step = True  # a step decides from its one first pass
 
     def __init__(
         self,
@@ -309,6 +314,8 @@ class LateSAM(SAM):
     """Late-phase SAM: the base optimizer alone until ``start_step`` (or the fraction
     ``start_fraction`` of ``total_steps``; 0.875: SAM for the last 25 of 200 epochs, the paper's
     WRN-16-8 / CIFAR-10 setting), then SAM (:class:`LatePhasePolicy`)."""
+
+    one_first_pass_per_step = True  # a step decides from its one first pass
 
     def __init__(
         self,

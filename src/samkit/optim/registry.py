@@ -22,16 +22,16 @@ subclass, usually of ``SAM``), then add ONE entry to ``BUILTIN_OPTIMIZERS`` belo
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from samkit import domains
 from samkit.domains import SCALE, SEED, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
-from samkit.optim.ascent_policy import RST
+from samkit.optim._optim_info import OptimInfo, OptimOption
+from samkit.optim.ascent_policy import AESAM, RST, RST_SCHEDULES, LateSAM
 from samkit.optim.esam import ESAM, SDS_CRITERIA
 from samkit.optim.friendly_sam import FriendlySAM
 from samkit.optim.gsam import GSAM
@@ -50,125 +50,6 @@ __all__ = [
     "list_optimizers",
     "register_optimizer",
 ]
-
-_KINDS = (float, int, bool, str)
-
-
-@dataclass(frozen=True)
-class OptimOption:
-    """One hyper-parameter of a training method.
-
-    ``name`` is the optimizer's constructor keyword; ``flag`` the ``samkit train`` setting (a
-    ``TrainConfig`` field, snake_case) that sets it; ``help`` its one-line command-line help.
-    Numbers have a ``domain``, strings may have ``choices``; ``kind`` is the Python type of a value
-    (float, int, bool or str).
-    """
-
-    name: str
-    flag: str
-    default: Any
-    help: str
-    domain: Interval | None = None
-    choices: tuple[str, ...] | None = None
-    kind: type = float
-
-    def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"option {self.name!r}: kind must be one of {_KINDS}, got {self.kind}")
-        if self.domain is not None and self.kind not in (float, int):
-            raise ValueError(f"option {self.name!r}: a domain is for numbers, not {self.kind}")
-        if self.choices is not None and self.kind is not str:
-            raise ValueError(f"option {self.name!r}: choices are for strings, not {self.kind}")
-        reason = self.check(self.default)
-        if reason is not None:
-            raise ValueError(f"option {self.name!r}: default {self.default!r} is not {reason}")
-
-    def describe_values(self) -> str:
-        """What a valid value is, e.g. ``"a number in (0, 1]"`` or ``"one of 'a', 'b'"``."""
-        if self.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        if self.domain is not None:
-            return self.domain.describe(integer=self.kind is int)
-        return {float: "a number", int: "an integer", bool: "True or False", str: "a string"}[
-            self.kind
-        ]
-
-    def check(self, value: Any) -> str | None:
-        """None when ``value`` is valid; otherwise what it should be (``describe_values()``)."""
-        if self.kind is bool:
-            valid = isinstance(value, bool)
-        elif self.kind is str:
-            valid = isinstance(value, str) and (self.choices is None or value in self.choices)
-        else:
-            number = numbers.Integral if self.kind is int else numbers.Real
-            valid = isinstance(value, number) and not isinstance(value, bool)
-            valid = valid and (self.domain is None or self.domain.contains(value))
-        return None if valid else self.describe_values()
-
-
-@dataclass(frozen=True)
-class OptimInfo:
-    """A training method: its optimizer class and options.
-
-    ``cls`` is None for ``"sgd"``, the base optimizer alone. ``sharpness_aware`` says whether a
-    step takes SAM's two passes; ``supports_sync_perturbations`` whether the step helper may
-    all-reduce the first-pass gradients (ESAM may not: its weight masks leave parameters without
-    first-pass gradients). ``label(values)`` formats the run label from the option values (all
-    options present); use :meth:`describe`. ``param_groups(model)``, for a method that chooses
-    which parameters to perturb, builds its param groups from the model (None: all of the
-    model's parameters, one group).
-    """
-
-    name: str
-    cls: type[Optimizer] | None
-    description: str
-    paper: str = ""
-    options: tuple[OptimOption, ...] = ()
-    sharpness_aware: bool = True
-    supports_sync_perturbations: bool = True
-    label: Callable[[Mapping[str, Any]], str] | None = field(default=None, compare=False)
-    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = field(
-        default=None, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        names = [o.name for o in self.options]
-        if len(set(names)) != len(names):
-            raise ValueError(f"optimizer {self.name!r}: duplicate option names in {names}")
-
-    def option(self, name: str) -> OptimOption:
-        """The option called ``name``; ValueError naming the known options otherwise."""
-        for opt in self.options:
-            if opt.name == name:
-                return opt
-        known = ", ".join(o.name for o in self.options) or "none"
-        raise ValueError(f"optimizer {self.name!r} has no option {name!r} (options: {known})")
-
-    def defaults(self) -> dict[str, Any]:
-        """Every option's default, by constructor keyword."""
-        return {o.name: o.default for o in self.options}
-
-    def validate(self, values: Mapping[str, Any]) -> None:
-        """ValueError, naming this optimizer, the option and its domain, for an invalid value.
-
-        Keys that are not options of this method are ignored (they are base-optimizer keywords).
-        """
-        for opt in self.options:
-            if opt.name in values:
-                reason = opt.check(values[opt.name])
-                if reason is not None:
-                    raise ValueError(
-                        f"optimizer {self.name!r}: option {opt.name!r} must be {reason}, "
-                        f"got {values[opt.name]!r}"
-                    )
-
-    def describe(self, kwargs: Mapping[str, Any] | None = None) -> str:
-        """The run label for these option values (defaults for those missing; other keys are
-        ignored), e.g. ``"SAM rho=0.05"``, ``"ASAM rho=0.1"``, ``"ESAM rho=0.05 beta=0.6
-        gamma=0.5 adaptive"``."""
-        values = {**self.defaults(), **(kwargs or {})}
-        return self.label(values) if self.label is not None else self.name.upper()
-
 
 # -- the built-in methods ------------------------------------------------------------------------
 
@@ -205,12 +86,28 @@ def _fsam_label(v: Mapping[str, Any]) -> str:
     )
 
 
+def _adaptive(v: Mapping[str, Any]) -> str:
+    return " adaptive" if v["adaptive"] else ""
+
+
 def _looksam_label(v: Mapping[str, Any]) -> str:
-    return f"LookSAM rho={v['rho']:g} k=5 alpha=0.7" + (" adaptive" if v["adaptive"] else "")
+    return f"LookSAM rho={v['rho']:g} k={v['k']} alpha={v['alpha']:g}" + _adaptive(v)
+
+
+def _aesam_label(v: Mapping[str, Any]) -> str:
+    c = f"{v['lambda1']:g}" + ("" if v["lambda1"] == v["lambda2"] else f"->{v['lambda2']:g}")
+    return f"AE-SAM rho={v['rho']:g} delta={v['delta']:g} c={c}" + _adaptive(v)
 
 
 def _rst_label(v: Mapping[str, Any]) -> str:
-    return f"RST rho={v['rho']:g} p=0.5" + (" adaptive" if v["adaptive"] else "")
+    p = f"{v['p']:g}"
+    if v["schedule"] != "constant":
+        p += f"->{v['p_end']:g} {v['schedule']}"
+    return f"RST rho={v['rho']:g} p={p}" + _adaptive(v)
+
+
+def _late_sam_label(v: Mapping[str, Any]) -> str:
+    return f"LateSAM rho={v['rho']:g} start={v['start_fraction']:g}" + _adaptive(v)
 
 
 _RHO = OptimOption(
@@ -227,6 +124,9 @@ _ADAPTIVE = OptimOption(
     help="adaptive SAM (ASAM, Kwon et al. 2021)",
     kind=bool,
 )
+
+#: AE-SAM's c_t: any sign, bounded as every number a command takes (samkit.domains).
+_THRESHOLD = Interval(-domains.MAX_SCALE, domains.MAX_SCALE)
 
 #: The built-in methods, in the order ``list_optimizers()`` gives them. One entry per method.
 BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
@@ -383,27 +283,107 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
         label=_sam_on_label,
         param_groups=sam_on_groups,
     ),
-    # SAM on some steps only, or no extra pass (samkit.optim.ascent_policy, looksam, momentum_sam);
-    # their other options (k, alpha, p and its schedule, ...) are the classes' keywords.
+    # SAM on some steps only, or no extra pass (samkit.optim.ascent_policy, looksam, momentum_sam).
+    # Schedules over training (AE-SAM's c_t, late-phase SAM's start, RST's p_t) take the run's
+    # length, total_steps, from the trainer, which sets it on the optimizer's ascent_policy.
     OptimInfo(
         name="looksam",
         cls=LookSAM,
-        description="LookSAM: SAM every 5th step; the steps between take one pass and add 0.7 "
-        "times the last SAM step's gradient component orthogonal to the clean one (1.2 passes)",
+        description="LookSAM: SAM every k-th step; the steps between take one pass and add alpha "
+        "times the last SAM step's gradient component orthogonal to the clean one (1 + 1/k passes)",
         paper="Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022",
-        options=(_RHO, _ADAPTIVE),
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(
+                name="k",
+                flag="looksam_k",
+                default=5,
+                help="LookSAM: SAM (and a new orthogonal component g_v) every k-th step, from the "
+                "first; one pass on the steps between",
+                domain=domains.COUNT,
+                kind=int,
+            ),
+            OptimOption(
+                name="alpha",
+                flag="looksam_alpha",
+                default=0.7,
+                help="LookSAM: the steps between add alpha (||g|| / ||g_v||) g_v to the gradient",
+                domain=SCALE,
+            ),
+        ),
         label=_looksam_label,
+    ),
+    OptimInfo(
+        name="aesam",
+        cls=AESAM,
+        description="AE-SAM: SAM on the steps whose squared gradient norm is high for its moving "
+        "mean and variance (threshold factor c_t from lambda1 to lambda2), the base optimizer "
+        "alone on the others (about 1.3-1.5 passes)",
+        paper="Jiang et al., An Adaptive Policy to Employ Sharpness-Aware Minimization, ICLR 2023",
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(
+                name="delta",
+                flag="aesam_delta",
+                default=0.9,
+                help="AE-SAM: decay of the moving mean and variance of ||g||^2",
+                domain=UNIT_CLOSED_OPEN,
+            ),
+            OptimOption(
+                name="lambda1",
+                flag="aesam_lambda1",
+                default=-1.0,
+                help="AE-SAM: c_t at the first step (a step is SAM when ||g||^2 >= mean + c_t std)",
+                domain=_THRESHOLD,
+            ),
+            OptimOption(
+                name="lambda2",
+                flag="aesam_lambda2",
+                default=1.0,
+                help="AE-SAM: c_t at the end of the run (linear from --aesam-lambda1 over the "
+                "run's steps)",
+                domain=_THRESHOLD,
+            ),
+        ),
+        label=_aesam_label,
     ),
     OptimInfo(
         name="rst",
         cls=RST,
-        description="RST / SS-SAM: each step is SAM with probability 0.5, else one plain pass "
-        "(1.5 passes on average)",
+        description="RST / SS-SAM: each step is SAM with probability p_t, else one plain pass "
+        "(1 + mean p_t passes)",
         paper="Zhao et al., Randomized Sharpness-Aware Training for Boosting Computational "
         "Efficiency in Deep Learning, 2022",
         options=(
             _RHO,
             _ADAPTIVE,
+            OptimOption(
+                name="p",
+                flag="rst_p",
+                default=0.5,
+                help="RST: probability that a step is SAM (at the first step, with a schedule)",
+                domain=domains.FRACTION,
+            ),
+            OptimOption(
+                name="p_end",
+                flag="rst_p_end",
+                default=None,
+                help="RST: the probability at the end of the run, for every --rst-schedule but "
+                "constant",
+                domain=domains.FRACTION,
+                optional=True,
+            ),
+            OptimOption(
+                name="schedule",
+                flag="rst_schedule",
+                default="constant",
+                help="RST: p_t over the run's steps: constant (--rst-p), or from --rst-p to "
+                "--rst-p-end piecewise (switch half way), linear or cosine",
+                choices=RST_SCHEDULES,
+                kind=str,
+            ),
             OptimOption(  # the trainer passes its run seed: the same draws on every replica
                 name="seed",
                 flag="run_seed",
@@ -414,6 +394,27 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
             ),
         ),
         label=_rst_label,
+    ),
+    OptimInfo(
+        name="late_sam",
+        cls=LateSAM,
+        description="late-phase SAM: the base optimizer alone (one pass) until a fraction of the "
+        "run's steps, SAM from then on",
+        paper="Zhou et al., Sharpness-Aware Minimization Efficiently Selects Flatter Minima Late "
+        "in Training, 2024",
+        options=(
+            _RHO,
+            _ADAPTIVE,
+            OptimOption(
+                name="start_fraction",
+                flag="late_sam_start_fraction",
+                default=0.875,
+                help="late-phase SAM: SAM from step ceil(F x the run's steps) on, the base "
+                "optimizer alone before",
+                domain=domains.FRACTION,
+            ),
+        ),
+        label=_late_sam_label,
     ),
     OptimInfo(
         name="msam",

@@ -167,8 +167,8 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
             )
     if v["sam_m"] is not None and getattr(info.cls, "one_first_pass_per_step", False):
         raise ConfigError(
-            f"--sam-m: m-sharpness is not supported with --optimizer {info.name} (it keeps state "
-            "from each step's single first pass)"
+            f"--sam-m: m-sharpness is not supported with --optimizer {info.name} (a step takes a "
+            "single first pass: it keeps state from it, or decides from it whether to ascend)"
         )
     if (
         getattr(info.cls, "stores_clean_gradient", False)
@@ -181,6 +181,16 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
         )
     if info.name == "gsam" and v["gsam_rho_min"] > rho:
         raise ConfigError(f"--gsam-rho-min {v['gsam_rho_min']:g}: larger than --sam-rho {rho:g}")
+    if info.name == "rst" and v["rst_schedule"] != "constant" and v["rst_p_end"] is None:
+        raise ConfigError(
+            f"--rst-schedule {v['rst_schedule']}: moves p_t from --rst-p to --rst-p-end over the "
+            "run; give --rst-p-end"
+        )
+    if info.name == "rst" and v["rst_schedule"] == "constant" and v["rst_p_end"] is not None:
+        raise ConfigError(
+            f"--rst-p-end {v['rst_p_end']:g}: has no effect with --rst-schedule constant (p_t is "
+            "--rst-p); add --rst-schedule piecewise, linear or cosine"
+        )
     v["gradient_clipping"] = v["gradient_clipping"] or None
 
     if v["data_dir"] is not None and not Path(v["data_dir"]).expanduser().is_dir():

@@ -24,15 +24,9 @@ from samkit.models import list_model_families
 from samkit.optim.registry import get_optimizer_info, list_optimizers
 
 __all__ = [
-    "BASE_LEARNING_RATES",
-    "BASE_OPTIMIZERS",
-    "RESUME_IGNORED",
-    "settings_differences",
-    "SEED_DEFAULTS",
-    "Setting",
-    "TrainConfig",
-    "settings",
-]
+    "BASE_LEARNING_RATES", "BASE_OPTIMIZERS", "RESUME_IGNORED", "settings_differences",
+    "SEED_DEFAULTS", "Setting", "TrainConfig", "settings",
+]  # fmt: skip
 
 _SAME = object()  # the command line's default is the field's own
 
@@ -70,12 +64,8 @@ def _optimizer_option(optimizer: str, option: str, group: str, **kw: Any) -> Any
     return _setting(opt.default, opt.help, group, **kw)
 
 
-TRAINED = "what is trained"
-OPTIMISATION = "optimisation"
-DATA = "data"
-FINE_TUNING = "fine-tuning"
-EVALUATION = "evaluation"
-MACHINE = "outputs, checkpoints, machine"
+TRAINED, OPTIMISATION, DATA = "what is trained", "optimisation", "data"
+FINE_TUNING, EVALUATION, MACHINE = "fine-tuning", "evaluation", "outputs, checkpoints, machine"
 
 
 @dataclasses.dataclass
@@ -252,6 +242,17 @@ class TrainConfig:
     wsam_decouple: bool = _optimizer_option("wsam", "decouple", OPTIMISATION)
     fsam_sigma: float = _optimizer_option("fsam", "sigma", OPTIMISATION, metavar="SIGMA")
     fsam_lambda: float = _optimizer_option("fsam", "lmbda", OPTIMISATION, metavar="LAMBDA")
+    looksam_k: int = _optimizer_option("looksam", "k", OPTIMISATION, metavar="K")
+    looksam_alpha: float = _optimizer_option("looksam", "alpha", OPTIMISATION, metavar="ALPHA")
+    aesam_delta: float = _optimizer_option("aesam", "delta", OPTIMISATION, metavar="DELTA")
+    aesam_lambda1: float = _optimizer_option("aesam", "lambda1", OPTIMISATION, metavar="C")
+    aesam_lambda2: float = _optimizer_option("aesam", "lambda2", OPTIMISATION, metavar="C")
+    rst_p: float = _optimizer_option("rst", "p", OPTIMISATION, metavar="P")
+    rst_p_end: float | None = _optimizer_option("rst", "p_end", OPTIMISATION, metavar="P")
+    rst_schedule: str = _optimizer_option("rst", "schedule", OPTIMISATION)
+    late_sam_start_fraction: float = _optimizer_option(
+        "late_sam", "start_fraction", OPTIMISATION, metavar="FRACTION"
+    )
     amp: str = _setting(
         "auto",
         "mixed precision: auto = bf16 autocast where the device computes bf16 natively (CPUs "

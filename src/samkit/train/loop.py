@@ -145,6 +145,9 @@ def _train(
     step_fn = build.build_step(cfg, model, optimizer, device, dist, amp=amp)
     train_loader, eval_loader = build.build_loaders(cfg, data, device, dist)
     schedule = build.build_schedule(cfg, optimizer, len(train_loader))
+    policy = getattr(optimizer, "ascent_policy", None)  # AE-SAM, RST, late-phase SAM: the run's
+    if policy is not None and policy.total_steps is None:  # length, for their schedules
+        policy.total_steps = schedule.total_steps
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     signals = StopSignals(distributed=dist is not None, device=device)
     run = Run(cfg, run_dir, device, dist, model, optimizer, step_fn, schedule, ema,
