@@ -102,7 +102,7 @@ def test_optimizer_options_come_from_the_registry():
             assert field.optional == option.optional
     assert train_parser()._option_string_actions["--optimizer"].choices == (
         "sgd", "sam", "esam", "gsam", "wsam", "fsam", "sam_on", "looksam", "aesam", "rst",
-        "late_sam", "msam",
+        "late_sam", "msam", "saf", "mesa",
     )  # fmt: skip
 
 

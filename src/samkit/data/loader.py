@@ -30,6 +30,10 @@ them to the share's rows (every batched augmentation acts on each image on its o
 :class:`~samkit.data.transforms.BatchAugment`). ``batch_size`` must be a multiple of
 ``world_size`` and every batch full (``drop_last``, or a data set size that is a multiple of
 ``batch_size``), so that every share has ``batch_size / world_size`` rows.
+
+``indices=True`` (SAF, samkit.train.trajectory): every batch is ``(images, labels, index)``, where
+``index`` (int64, on the batch's device) gives each row's position in the data set; the images
+and labels are the same as without it, bit for bit.
 """
 
 from __future__ import annotations
@@ -222,6 +226,7 @@ class _EpochMixin:
         epoch: int,
         drop_last: bool | None,
         shard: tuple[int, int] | None,
+        indices: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -234,6 +239,7 @@ class _EpochMixin:
             _default_drop_last(dataset, batch_size, train) if drop_last is None else drop_last
         )
         self.shard = _check_shard(shard, batch_size, len(dataset), self.drop_last)
+        self.indices = bool(indices)
 
     def __len__(self) -> int:
         return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
@@ -284,8 +290,9 @@ class BatchedLoader(_EpochMixin):
         drop_last: bool | None = None,
         device: torch.device | str | None = None,
         shard: tuple[int, int] | None = None,
+        indices: bool = False,
     ):
-        self._init_batching(dataset, batch_size, train, seed, epoch, drop_last, shard)
+        self._init_batching(dataset, batch_size, train, seed, epoch, drop_last, shard, indices)
         augment = dataset.batch_augment(train)
         if augment is None:
             raise ValueError(
@@ -295,7 +302,7 @@ class BatchedLoader(_EpochMixin):
         self.augment = augment
         self.device = torch.device(device) if device is not None else dataset.images.device
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         epoch, start = self._next_epoch()
         images, labels = self.dataset.tensors_on(self.device)
         n = labels.shape[0]
@@ -306,6 +313,7 @@ class BatchedLoader(_EpochMixin):
             a, b = lo + rows.start, lo + rows.stop  # this loader's share of the batch
             if order is None:
                 x, y = images[a:b], labels[a:b]
+                idx = torch.arange(a, b, device=self.device) if self.indices else None
             else:
                 idx = order[a:b].to(self.device)
                 x, y = images[idx], labels[idx]
@@ -316,7 +324,8 @@ class BatchedLoader(_EpochMixin):
             draws = self.augment.draw(hi - lo, height, width, gen)
             if self.shard is not None:
                 draws = draws.rows(rows)
-            yield self.augment.apply(x, draws), y
+            x = self.augment.apply(x, draws)
+            yield (x, y, idx) if self.indices else (x, y)
 
 
 class _SeededView(Dataset):
@@ -365,8 +374,9 @@ class SampleLoader(_EpochMixin):
         drop_last: bool | None = None,
         device: torch.device | str | None = None,
         shard: tuple[int, int] | None = None,
+        indices: bool = False,
     ):
-        self._init_batching(dataset, batch_size, train, seed, epoch, drop_last, shard)
+        self._init_batching(dataset, batch_size, train, seed, epoch, drop_last, shard, indices)
         if workers < 0:
             raise ValueError(f"workers must be >= 0, not {workers}")
         self.workers = workers
@@ -398,7 +408,9 @@ class SampleLoader(_EpochMixin):
             generator=generator(self.seed, epoch, _WORKERS),
             worker_init_fn=_ignore_sigint if self.workers else None,
         )
-        for batch in loader:
+        for positions_k, batch in zip(batches, loader):
+            if self.indices:
+                batch = [*batch, torch.tensor(positions_k, dtype=torch.int64)]
             if self.device is not None:
                 batch = [t.to(self.device, non_blocking=pin) for t in batch]
             yield tuple(batch)
@@ -416,6 +428,7 @@ def make_loader(
     device: torch.device | str | None = None,
     batched: bool | None = None,
     shard: tuple[int, int] | None = None,
+    indices: bool = False,
 ) -> BatchedLoader | SampleLoader:
     """A loader of ``(images, labels)`` batches, deterministic given ``(seed, epoch)``.
 
@@ -428,7 +441,8 @@ def make_loader(
     ``shard=(rank, world_size)`` yields only that rank's rows of every batch, loading and
     augmenting only those, bit-identical to slicing the full batch (see the module docstring);
     ``ValueError`` if the rank is out of range, ``world_size < 1``, ``batch_size`` is not a
-    multiple of ``world_size`` or a batch would be ragged.
+    multiple of ``world_size`` or a batch would be ragged. ``indices=True``: batches of
+    ``(images, labels, index)``, ``index`` each row's position in ``dataset``.
     """
     can_batch = isinstance(dataset, InMemoryDataset) and dataset.batch_augment(train) is not None
     if batched is None:
@@ -445,6 +459,7 @@ def make_loader(
             drop_last=drop_last,
             device=device,
             shard=shard,
+            indices=indices,
         )
     return SampleLoader(
         dataset,
@@ -456,4 +471,5 @@ def make_loader(
         drop_last=drop_last,
         device=device,
         shard=shard,
+        indices=indices,
     )

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit import domains
-from samkit.domains import SCALE, SEED, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
+from samkit.domains import MAX_EPOCHS, SCALE, SEED, UNIT_CLOSED_OPEN, UNIT_OPEN_CLOSED, Interval
 from samkit.optim._optim_info import OptimInfo, OptimOption
 from samkit.optim.ascent_policy import AESAM, RST, RST_SCHEDULES, LateSAM
 from samkit.optim.esam import ESAM, SDS_CRITERIA
@@ -70,6 +70,37 @@ def _sam_on_label(v: Mapping[str, Any]) -> str:
 def _gsam_label(v: Mapping[str, Any]) -> str:
     return f"GSAM rho={v['rho']:g}->{v['rho_min']:g} alpha={v['alpha']:g}" + (
         " adaptive" if v["adaptive"] else ""
+    )
+
+
+def _trajectory(lmbda: float, own: OptimOption) -> tuple[OptimOption, ...]:
+    """SAF's or MESA's options: they change the loss, not the step (the base optimizer steps
+    alone), so the options are the trajectory loss's (samkit.train.trajectory's keywords)."""
+    loss = "lambda tau^2 KL(softmax(z / tau) || softmax(f(x) / tau))"
+    return (
+        OptimOption("lmbda", "trajectory_lambda", lmbda, f"SAF / MESA: weight lambda of {loss} "
+                    "(default: 0.3 with --optimizer saf, 0.8 with mesa)", SCALE),
+        OptimOption("tau", "trajectory_tau", 5.0, "SAF / MESA: the temperature tau",
+                    Interval(0, SCALE.high, low_open=True)),
+        OptimOption("start_epoch", "trajectory_start_epoch", 5, "SAF / MESA: the plain loss for "
+                    "the first N epochs, the trajectory loss added from epoch N + 1 on (the "
+                    "paper's E_start; 6 is the authors' code)", Interval(0, MAX_EPOCHS), kind=int),
+        own,
+    )  # fmt: skip
+
+
+_SAF_EPOCHS_BACK = OptimOption("epochs_back", "saf_epochs_back", 3, "SAF: a sample's teacher z "
+                               "is its logits from E epochs before", Interval(1, MAX_EPOCHS),
+                               kind=int)  # fmt: skip
+_MESA_DECAY = OptimOption("decay", "mesa_ema_decay", 0.9998, "MESA: decay of the teacher's moving "
+                          "average of the weights, per step",
+                          Interval(0, 1, low_open=True, high_open=True))  # fmt: skip
+
+
+def _trajectory_label(name: str, own: str) -> Any:
+    return lambda v: (
+        f"{name} lambda={v['lmbda']:g} tau={v['tau']:g} {own.format(**v)} "
+        f"from epoch {v['start_epoch'] + 1}"
     )
 
 
@@ -124,7 +155,6 @@ _ADAPTIVE = OptimOption(
     help="adaptive SAM (ASAM, Kwon et al. 2021)",
     kind=bool,
 )
-
 #: AE-SAM's c_t: any sign, bounded as every number a command takes (samkit.domains).
 _THRESHOLD = Interval(-domains.MAX_SCALE, domains.MAX_SCALE)
 
@@ -426,6 +456,26 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
         options=(_RHO,),
         label=lambda v: f"MSAM rho={v['rho']:g}",
     ),
+    OptimInfo(
+        name="saf",
+        cls=None,
+        description="SAF: the base optimizer on the loss plus lambda tau^2 KL(softmax(z / tau) || "
+        "softmax(f(x) / tau)), z a sample's logits from E epochs before (one pass; stores them)",
+        paper="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+        options=_trajectory(0.3, _SAF_EPOCHS_BACK),
+        sharpness_aware=False,
+        label=_trajectory_label("SAF", "E={epochs_back}"),
+    ),
+    OptimInfo(
+        name="mesa",
+        cls=None,
+        description="MESA: SAF with the teacher's logits from a moving average of the weights "
+        "(one extra forward per step, no stored logits)",
+        paper="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+        options=_trajectory(0.8, _MESA_DECAY),
+        sharpness_aware=False,
+        label=_trajectory_label("MESA", "decay={decay:g}"),
+    ),
 )
 
 _REGISTRY: dict[str, OptimInfo] = {}
@@ -483,6 +533,8 @@ def create_optimizer(
             )
     if info.cls is not None:
         return info.cls(params, base_optimizer, **kwargs)
+    # saf, mesa: their options are samkit.train.trajectory's (the loss's), not the optimizer's
+    kwargs = {k: v for k, v in kwargs.items() if k not in info.defaults()}
     if isinstance(base_optimizer, Optimizer):
         if kwargs:
             raise TypeError(

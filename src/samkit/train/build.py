@@ -27,7 +27,8 @@ from samkit.train import distributed
 from samkit.train.config import TrainConfig
 from samkit.train.errors import ConfigError
 from samkit.train.schedule import CosineSchedule
-from samkit.train.step import SharpnessAwareStep
+from samkit.train.step import AMP_DTYPES, SharpnessAwareStep
+from samkit.train.trajectory import TrajectoryLoss, create_trajectory_loss, needs_indices
 
 __all__ = [
     "HOLDOUT_SEED",
@@ -40,6 +41,7 @@ __all__ = [
     "build_optimizer",
     "build_schedule",
     "build_step",
+    "build_trajectory",
     "describe_optimizer",
     "device_for",
     "eval_batch_size",
@@ -129,7 +131,7 @@ def describe_optimizer(cfg: TrainConfig) -> str:
     """``SGD``, ``SAM rho=0.05``, ``ESAM rho=0.05 beta=0.5 gamma=0.5``, plus `` m=M``; over
     AdamW: ``AdamW``, ``SAM rho=0.05 over AdamW``."""
     info = get_optimizer_info(cfg.effective_optimizer)
-    if cfg.base_optimizer != "sgd" and not info.sharpness_aware:
+    if cfg.base_optimizer != "sgd" and info.name == "sgd":
         return BASE_NAMES[cfg.base_optimizer]
     text = info.describe(optimizer_options(cfg))
     if cfg.sharpness_aware and cfg.sam_m:
@@ -229,7 +231,8 @@ def build_loaders(
 ) -> tuple[Any, Any]:
     """``(train_loader, eval_loader)``. Under torchrun each rank loads and augments only its rows
     of every global batch (identical to slicing the global batch; see samkit.data.loader) and
-    evaluates its own contiguous shard of the evaluation set."""
+    evaluates its own contiguous shard of the evaluation set. With ``--optimizer saf`` the
+    training loader yields ``(x, y, index)`` (each sample's index in the training set)."""
     train_loader = make_loader(
         data.train,
         cfg.batch_size,
@@ -238,6 +241,7 @@ def build_loaders(
         workers=cfg.workers,
         device=device,
         shard=(dist.rank, dist.world_size) if dist is not None else None,
+        indices=needs_indices(cfg.effective_optimizer),
     )
     eval_ds = data.eval
     if dist is not None:
@@ -367,6 +371,22 @@ def build_loss(
     return loss_fn
 
 
+def build_trajectory(
+    cfg: TrainConfig, model: nn.Module, data: Data, amp: str
+) -> TrajectoryLoss | None:
+    """SAF's or MESA's trajectory loss (samkit.train.trajectory) with the run's settings, for the
+    resolved ``amp``; None for every other method."""
+    num_classes = data.info.num_classes or len(data.info.classes or ())
+    return create_trajectory_loss(
+        cfg.effective_optimizer,
+        model,
+        len(data.train),
+        num_classes,
+        amp_dtype=AMP_DTYPES[amp],
+        **optimizer_options(cfg),
+    )
+
+
 def build_step(
     cfg: TrainConfig,
     model: nn.Module,
@@ -374,10 +394,13 @@ def build_step(
     device: torch.device,
     dist: distributed.DistInfo | None = None,
     amp: str | None = None,
+    loss_term: TrajectoryLoss | None = None,
 ) -> SharpnessAwareStep:
     """The training step (DistributedDataParallel under torchrun); BatchNorm running statistics
     come from the first pass, as in the seed. ``amp``: the resolved ``--amp`` (see
-    :func:`amp_for`; resolved here when not given)."""
+    :func:`amp_for`; resolved here when not given). ``loss_term``: SAF's or MESA's trajectory
+    loss, added to the training loss (:func:`build_trajectory`)."""
+    loss_fn = build_loss(cfg, list(model.parameters()))
     step_model: nn.Module = model
     if dist is not None:
         step_model = nn.parallel.DistributedDataParallel(
@@ -386,7 +409,7 @@ def build_step(
     return SharpnessAwareStep(
         step_model,
         optimizer,
-        build_loss(cfg, list(model.parameters())),
+        loss_term.wrap(loss_fn) if loss_term is not None else loss_fn,
         m=cfg.sam_m if cfg.sharpness_aware else None,
         max_grad_norm=cfg.gradient_clipping or None,
         amp=amp if amp is not None else amp_for(cfg, device, dist),

@@ -29,6 +29,7 @@ from samkit.optim import get_optimizer_info
 from samkit.rundir import CONFIG_FILE
 from samkit.train.config import BASE_LEARNING_RATES, SettingField, TrainConfig, settings
 from samkit.train.errors import ConfigError
+from samkit.train.trajectory import METHODS as TRAJECTORY_METHODS
 
 __all__ = ["check_value", "config_from_values", "device_problem"]
 
@@ -106,6 +107,27 @@ def _kind_name(kind: type) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
 
 
+def _check_trajectory(method: str, v: dict[str, Any]) -> None:
+    """SAF / MESA: one process, and a run long enough for the trajectory loss to start."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"--optimizer {method}: not supported under torchrun yet (SAF's stored logits and "
+            "MESA's teacher would be each process's own, and checkpoints hold rank 0's); train "
+            "in one process"
+        )
+    first = v["trajectory_start_epoch"]
+    needs = ""
+    if method == "saf" and v["saf_epochs_back"] > first:
+        first = v["saf_epochs_back"]
+        needs = f" (it needs the logits of --saf-epochs-back {first} epochs before)"
+    if first >= v["num_epochs"]:
+        raise ConfigError(
+            f"--trajectory-start-epoch {v['trajectory_start_epoch']}: --optimizer {method} adds "
+            f"its loss from epoch {first + 1} on{needs}, but --num-epochs is {v['num_epochs']}: "
+            "the run would be the base optimizer alone"
+        )
+
+
 def config_from_values(values: dict[str, Any]) -> TrainConfig:
     """The :class:`TrainConfig` of ``values`` (field name -> value; missing ones take the
     command line's defaults), after every check a run needs before it starts."""
@@ -144,6 +166,11 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
     v["sam_rho"] = rho
     if v["learning_rate"] is None:
         v["learning_rate"] = BASE_LEARNING_RATES[v["base_optimizer"]]
+    if v["trajectory_lambda"] is None:  # SAF's and MESA's own defaults
+        lmbda = [o.default for o in info.options if o.flag == "trajectory_lambda"]
+        v["trajectory_lambda"] = lmbda[0] if lmbda else TrainConfig.trajectory_lambda
+    if info.name in TRAJECTORY_METHODS:
+        _check_trajectory(info.name, v)
     if v["warmup_epochs"] >= v["num_epochs"]:
         raise ConfigError(
             f"--warmup-epochs {v['warmup_epochs']:g}: must be shorter than --num-epochs "

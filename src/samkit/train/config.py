@@ -276,6 +276,11 @@ class TrainConfig:
         "in one process)",
         OPTIMISATION,
     )
+    trajectory_lambda: float = _optimizer_option("saf", "lmbda", OPTIMISATION, flag_default=None)
+    trajectory_tau: float = _optimizer_option("saf", "tau", OPTIMISATION, metavar="TAU")
+    trajectory_start_epoch: int = _optimizer_option("saf", "start_epoch", OPTIMISATION, metavar="N")
+    saf_epochs_back: int = _optimizer_option("saf", "epochs_back", OPTIMISATION, metavar="E")
+    mesa_ema_decay: float = _optimizer_option("mesa", "decay", OPTIMISATION, metavar="DECAY")
     run_seed: int = _setting(
         0,
         "seed of the initialisation, data order, augmentation, noise",
@@ -494,8 +499,9 @@ class TrainConfig:
 
     @property
     def effective_optimizer(self) -> str:
-        """The optimizer that runs: ``sgd`` when rho is 0, else ``optimizer``."""
-        return self.optimizer if self.sharpness_aware else "sgd"
+        """What runs: ``sgd`` for a sharpness-aware method at rho 0, else ``optimizer``."""
+        no_rho = get_optimizer_info(self.optimizer).sharpness_aware and not self.sam_rho > 0
+        return "sgd" if no_rho else self.optimizer
 
     @property
     def effective_rho(self) -> float:
@@ -534,16 +540,11 @@ def settings() -> list[SettingField]:
     return out
 
 
-def _seed_defaults() -> dict[str, Any]:
-    return {
-        s.name: s.setting.seed_default for s in settings() if s.setting.seed_default is not _SAME
-    }
-
-
-#: The seed system's defaults where ours differ (field -> seed default).
-SEED_DEFAULTS: dict[str, Any] = _seed_defaults()
-
-#: Settings that may change when a run is resumed: they do not change what is trained.
+#: The seed system's defaults where ours differ (field -> seed default), and the settings that may
+#: change when a run is resumed (they do not change what is trained).
+SEED_DEFAULTS: dict[str, Any] = {
+    s.name: s.setting.seed_default for s in settings() if s.setting.seed_default is not _SAME
+}
 RESUME_IGNORED = frozenset(s.name for s in settings() if not s.setting.affects_training)
 
 

@@ -10,13 +10,21 @@ __all__ = ["EMA"]
 
 class EMA:
     """``shadow = decay * shadow + (1 - decay) * current`` after every step taken; integer
-    buffers (``num_batches_tracked``) are copied."""
+    buffers (``num_batches_tracked``) are copied.
 
-    def __init__(self, model: nn.Module, decay: float):
+    ``into``: a copy of ``model`` (``copy.deepcopy``) whose own weights and buffers become the
+    shadow, so that the average can be run as a model (MESA's teacher, samkit.train.trajectory);
+    by default the shadow is a dict of clones."""
+
+    def __init__(self, model: nn.Module, decay: float, *, into: nn.Module | None = None):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), not {decay}")
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if into is None:
+            self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            into.load_state_dict(model.state_dict())
+            self.shadow = into.state_dict()  # detached views of into's own tensors
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -142,7 +142,8 @@ def _train(
     model, sync_bn_layers = build.build_model(cfg, data.info, device, dist, log)
     optimizer = build.build_optimizer(cfg, model)
     amp = build.amp_for(cfg, device, dist)
-    step_fn = build.build_step(cfg, model, optimizer, device, dist, amp=amp)
+    trajectory = build.build_trajectory(cfg, model, data, amp)  # SAF, MESA: a term of the loss
+    step_fn = build.build_step(cfg, model, optimizer, device, dist, amp=amp, loss_term=trajectory)
     train_loader, eval_loader = build.build_loaders(cfg, data, device, dist)
     schedule = build.build_schedule(cfg, optimizer, len(train_loader))
     policy = getattr(optimizer, "ascent_policy", None)  # AE-SAM, RST, late-phase SAM: the run's
@@ -152,7 +153,8 @@ def _train(
     signals = StopSignals(distributed=dist is not None, device=device)
     run = Run(cfg, run_dir, device, dist, model, optimizer, step_fn, schedule, ema,
               train_loader, eval_loader, log, hooks, signals, wall_start=wall_start,
-              eval_copy=copy.deepcopy(model) if ema is not None else None)  # fmt: skip
+              eval_copy=copy.deepcopy(model) if ema is not None else None,
+              trajectory=trajectory)  # fmt: skip
 
     # Resume from the latest checkpoint, or start over
     state = RunState(device)
@@ -226,8 +228,8 @@ def train_one_epoch(run: Run, state: RunState) -> bool:
                 save(run, state)
                 return True
             t0 = time.perf_counter()
-            x, y = next(batches)
-            train_step(run, state, x, y)
+            x, y, *index = next(batches)  # SAF's loader also yields the samples' indices
+            train_step(run, state, x, y, *index)
             state.stats.seconds += time.perf_counter() - t0
             bar.update(1)
             if run.hooks.after_step is not None:
@@ -248,12 +250,20 @@ def train_one_epoch(run: Run, state: RunState) -> bool:
     return False
 
 
-def train_step(run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One optimizer step on ``x, y`` (under torchrun: this rank's share of the global batch)."""
+def train_step(
+    run: Run, state: RunState, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+) -> None:
+    """One optimizer step on ``x, y`` (under torchrun: this rank's share of the global batch);
+    ``index``: the samples' positions in the training set (SAF's)."""
     if run.hooks.before_step is not None:
         run.hooks.before_step(state.global_step + 1)
     run.schedule.apply()
-    out = run.step_fn(x.contiguous(memory_format=build.memory_format_for(run.device)), y)
+    x = x.contiguous(memory_format=build.memory_format_for(run.device))
+    if run.trajectory is not None:  # SAF, MESA: this batch's teacher logits, before the step
+        run.trajectory.prepare(x, index, state.epoch)
+    out = run.step_fn(x, y)
+    if run.trajectory is not None:  # SAF stores the logits, MESA updates its teacher
+        run.trajectory.after_step(run.model, out.outputs, bool(out.took_step))
     run.schedule.step()
     state.global_step += 1
     state.batch += 1

@@ -35,6 +35,7 @@ from samkit.train.schedule import CosineSchedule
 from samkit.train.signals import StopSignals
 from samkit.train.state import RunState, rng_state, set_rng_state
 from samkit.train.step import SharpnessAwareStep
+from samkit.train.trajectory import TrajectoryLoss
 
 __all__ = [
     "MAX_SKIPPED_IN_A_ROW",
@@ -80,6 +81,7 @@ class Run:
     candidate: Path | None = None  # the newest checkpoint, until a step confirms it
     skipped_in_row: int = 0
     unusable: list[tuple[Path, str]] = field(default_factory=list)  # passed over by resume
+    trajectory: TrajectoryLoss | None = None  # SAF's stored logits or MESA's teacher
 
     @property
     def is_main(self) -> bool:
@@ -260,6 +262,8 @@ def _parts_state(run: Run, state: RunState) -> dict[str, Any]:
         "ema": run.ema.state_dict() if run.ema is not None else None,
         **state.state_dict(),
         "rng": rng_state(run.device),
+        # only in SAF / MESA runs, so that every other run's checkpoints stay as they were
+        **({"trajectory": run.trajectory.state_dict()} if run.trajectory is not None else {}),
     }
 
 
@@ -272,6 +276,8 @@ def _load_parts(run: Run, state: RunState, path: Path, saved: dict[str, Any]) ->
         run.step_fn.load_state_dict(saved["step_helper"])
         if run.ema is not None:
             run.ema.load_state_dict(saved["ema"])
+        if run.trajectory is not None:
+            run.trajectory.load_state_dict(saved["trajectory"])
         loaded = RunState(run.device)
         loaded.load_state_dict(saved)
         set_rng_state(saved["rng"], run.device)
