@@ -55,6 +55,10 @@ momentum 0.9, no weight decay, base optimizer ``torch.optim.SGD`` with its defau
 * ``looksam`` / ``rst`` / ``msam``: the registry's methods that take fewer passes, through
   ``step(closure)`` (which runs the second pass only when the method ascends): LookSAM (k = 5),
   RST (p = 0.5, seeded draws, so the same steps ascend in every run), Momentum-SAM (one pass).
+* ``saf`` / ``mesa``: no ascent, the loss changes (``samkit.train.trajectory``): the ``sgd`` step
+  on the cross-entropy plus the trajectory term from the first step, with the registry's
+  defaults. SAF reads and writes the batch's stored logits (each step is a new "epoch" whose
+  teacher is the step before); MESA adds its teacher's no-grad forward and the EMA update.
 
 Timing: every variant first runs ``warmup`` untimed steps; then rounds, each visiting all
 variants in a rotated order (round r starts at variant r) and, for each, running ``round_warmup``
@@ -130,6 +134,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from samkit.optim import ESAM, SAM, create_optimizer
 from samkit.optim import _functional as SF
 from samkit.train.step import SharpnessAwareStep
+from samkit.train.trajectory import MESA, SAF
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, MOMENTUM, RHO, BETA, GAMMA = 0.01, 0.9, 0.05, 0.5, 0.5
@@ -151,6 +156,8 @@ VARIANTS: dict[str, str] = {
     "looksam": "LookSAM.step(closure), k=5 (1.2 passes per step)",
     "rst": "RST.step(closure), p=0.5 (1.5 passes per step on average)",
     "msam": "Momentum-SAM.step(closure) (1 pass)",
+    "saf": "SAF: SGD on CE + trajectory loss against stored logits (1 pass)",
+    "mesa": "MESA: SGD on CE + trajectory loss against an EMA teacher (1 pass + 1 forward)",
 }
 
 # Per-model timing defaults: (repeats, steps_per_sample, round_warmup, warmup).
@@ -336,6 +343,28 @@ def make_variant(
 
         def step() -> None:
             opt.step(loss_closure)
+
+    elif name in ("saf", "mesa"):  # the loss changes, not the step: SGD on CE + the term
+        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+        index = torch.arange(x.shape[0])
+        if name == "saf":
+            with torch.no_grad():
+                out = model(x)
+            term: SAF | MESA = SAF(x.shape[0], out.shape[1], start_epoch=0, epochs_back=1)
+            term.prepare(x, index, 0)
+            term.after_step(model, out, True)  # the logits the first timed step reads
+        else:
+            term = MESA(model, start_epoch=0)
+        objs["opt"], loss_fn, epoch = opt, term.wrap(per_sample_ce), [0]
+
+        def step() -> None:
+            epoch[0] += 1  # SAF: the teacher is the previous step's logits (E = 1)
+            term.prepare(x, index, epoch[0])
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            loss_fn(out, y).mean().backward()
+            opt.step()
+            term.after_step(model, out.detach(), True)
 
     else:
         raise ValueError(f"unknown variant {name!r}")

@@ -51,6 +51,8 @@ def test_overhead_quick_run_writes_every_variant_target_and_the_allocator_settin
             "looksam",
             "rst",
             "msam",
+            "saf",
+            "mesa",
         }
         rounds = model["timing"]["rounds"]
         for v in variants.values():
