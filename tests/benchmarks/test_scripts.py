@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_formats import write_fashion_mnist
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -115,3 +117,23 @@ def test_analysis_cost_quick_run_times_every_variant_and_the_default_command(tmp
     assert default["wall_s"] >= default["elapsed_sec"] > 0
     assert "target: s per HVP / s per forward+backward" in stdout
     assert "samkit hessian RUN (defaults)" in stdout
+
+
+def test_train_throughput_quick_run_measures_loop_and_bare(tmp_path):
+    data = tmp_path / "fashion_mnist"
+    write_fashion_mnist(data, n_train=768, n_test=32)  # the loop's 2 + 3 steps of 128 images
+    out = tmp_path / "train_throughput.json"
+    stdout = run("train_throughput.py", "--quick", "--data-dir", str(data), "--output", str(out))
+    result = json.loads(out.read_text())
+    machine = result["machine"]
+    assert machine["threads"] >= 1 and "native_bf16" in machine and machine["torch"]
+    amps = ["none"] + (
+        [machine["amp_auto_resolves_to"]] * (machine["amp_auto_resolves_to"] != "none")
+    )
+    rows = {(r["optimizer"], r["amp"]): r for r in result["rows"]}
+    assert set(rows) == {(o, a) for o in ("sgd", "sam") for a in amps}
+    for row in rows.values():
+        assert row["bare_images_per_sec"] > 0 and row["loop_images_per_sec"] > 0
+        ratio = row["loop_images_per_sec"] / row["bare_images_per_sec"]
+        assert abs(row["loop_over_bare"] - ratio) < 1e-9  # one round: the ratio of the two
+    assert "loop/bare" in stdout

@@ -265,6 +265,43 @@ def test_inside_accumulate_each_micro_batch_gets_its_own_perturbation():
     assert sam.param_groups[0]["lr"] == LR / 3  # two optimizer steps, two scheduler steps
 
 
+def test_save_state_and_load_state_continue_bit_identically(tmp_path):
+    # Accelerate's checkpoint (model, SAM's state dict with momentum and samkit's entry, RNG):
+    # two steps, save, two more; a fresh accelerator that loads the state and runs the same two
+    # steps ends with the same weights, bit for bit (dropout included: the RNG is restored).
+    def build():
+        accelerator = Accelerator(cpu=True)
+        model = mlp()
+        model, optimizer = accelerator.prepare(model, sgd_sam(model))
+        return accelerator, model, optimizer
+
+    batches = list(loader())
+
+    def train(accelerator, model, optimizer, part):
+        def compute_loss(x, y):
+            return F.cross_entropy(model(x), y)
+
+        for x, y in part:
+            sam_backward(accelerator, model, optimizer, compute_loss, x, y)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    accelerator, model, optimizer = build()
+    train(accelerator, model, optimizer, batches[:2])
+    accelerator.save_state(str(tmp_path / "state"))
+    train(accelerator, model, optimizer, batches[2:])
+    expected = [p.detach().clone() for p in model.parameters()]
+    assert unwrap(optimizer).state_dict()["samkit"]["skipped_steps"] == 0
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator, model, optimizer = build()
+    accelerator.load_state(str(tmp_path / "state"))
+    assert unwrap(optimizer).state  # the momentum came back
+    train(accelerator, model, optimizer, batches[2:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected))
+
+
 def test_bf16():
     model, reference, full = (mlp(torch.float32) for _ in range(3))
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
