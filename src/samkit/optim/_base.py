@@ -408,6 +408,21 @@ class SharpnessAwareOptimizer(Optimizer):
         """True between :meth:`skip_ascent` and the end of that step."""
         return self._owner._ascent_skipped
 
+    def _per_param_list(self, tensors: dict[Tensor, Tensor]) -> list[Tensor | None]:
+        """``tensors`` (at most one per parameter: a variant's moving average, LookSAM's g_v) in
+        the order of the param groups, for ``state_dict``."""
+        return [tensors.get(p) for g in self.param_groups for p in g["params"]]
+
+    def _per_param_dict(self, saved: list[Tensor | None] | None) -> dict[Tensor, Tensor]:
+        """The inverse of ``_per_param_list`` after ``load_state_dict``: each saved tensor
+        copied to its parameter's device and dtype."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return {
+            p: v.to(device=p.device, dtype=p.dtype).clone()
+            for p, v in zip(params, saved or [])
+            if v is not None
+        }
+
     # -- how frameworks call it (samkit.optim._conventions) ------------------------------------
 
     def _finish_step(self, closure: Callable[[], Any] | None) -> Any:

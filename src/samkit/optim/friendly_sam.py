@@ -72,17 +72,11 @@ class FriendlySAM(SAM):
     @on_owner
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        params = [p for g in self.param_groups for p in g["params"]]
-        state["samkit"]["friendly_momentum"] = [self._momentum.get(p) for p in params]
+        state["samkit"]["friendly_momentum"] = self._per_param_list(self._momentum)
         return state
 
     @on_owner
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("samkit", {}).get("friendly_momentum")
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._momentum = {}
-        if saved is not None:
-            for p, m in zip(params, saved):
-                if m is not None:
-                    self._momentum[p] = m.to(device=p.device, dtype=p.dtype).clone()
+        self._momentum = self._per_param_dict(saved)

@@ -88,17 +88,11 @@ class LookSAM(SAM):
     @on_owner
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        params = [p for g in self.param_groups for p in g["params"]]
-        state["samkit"]["looksam_gv"] = [self._gv.get(p) for p in params]
+        state["samkit"]["looksam_gv"] = self._per_param_list(self._gv)
         return state
 
     @on_owner
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("samkit", {}).get("looksam_gv")
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._gv = {}
-        if saved is not None:
-            for p, v in zip(params, saved):
-                if v is not None:
-                    self._gv[p] = v.to(device=p.device, dtype=p.dtype).clone()
+        self._gv = self._per_param_dict(saved)
