@@ -5,7 +5,8 @@
   an overflow, itself (torch's ``_step_supports_amp_scaling`` protocol), so that ``w`` is always
   restored from ``w + e``.
 * ``step(closure)`` refuses gradients accumulated before it (a framework's micro-batches, a first
-  pass of the user's own): they would leak into the update.
+  pass of the user's own): they would leak into the update; and the framework calls it cannot
+  serve: ``GradScaler.step(opt, closure)``, Accelerate's accumulation (closures never run).
 """
 
 from __future__ import annotations
