@@ -197,6 +197,24 @@ def test_sam_on_on_a_model_without_normalisation_layers_names_the_flag():
         (["--adamw-eps", "0"], "argument --adamw-eps: '0' is not a number in (0, 1]"),
         (["--adamw-eps", "2"], "argument --adamw-eps: '2' is not a number in (0, 1]"),
         (["--optimizer", "sam-on"], "argument --optimizer: invalid choice: 'sam-on'"),
+        # a flag the run would ignore
+        (
+            ["--base-optimizer", "adamw", "--momentum", "0.5"],
+            "--momentum: only for --base-optimizer sgd, and this run's base optimizer is adamw",
+        ),
+        (
+            ["--adamw-beta1", "0.8"],
+            "--adamw-beta1: only for --base-optimizer adamw, and this run's base optimizer is sgd",
+        ),
+        (
+            ["--optimizer", "sam", "--wsam-gamma", "0.5"],
+            "--wsam-gamma: an option of --optimizer wsam, which this run does not use "
+            "(--optimizer sam)",
+        ),
+        (
+            ["--optimizer", "sgd", "--sam-adaptive"],
+            "--sam-adaptive: an option of --optimizer sam, which this run does not use",
+        ),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_flag(argv, message, capsys):
@@ -204,6 +222,13 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err, err
     assert err.count("\n") == 1 and err.startswith("samkit train: error: ")
+
+
+def test_flags_every_run_uses_are_never_refused_as_without_effect():
+    assert config_from_values({"optimizer": "sam", "run_seed": 3}).run_seed == 3
+    assert config_from_values({"optimizer": "msam", "sam_rho": 0.1}).sam_rho == 0.1
+    with pytest.raises(ConfigError, match="^--momentum: only for --base-optimizer sgd"):
+        config_from_values({"base_optimizer": "adamw", "momentum": 0.5, "nesterov": False})
 
 
 def test_defaults_reproduce_the_old_settings_and_learning_rate_follows_the_base():

@@ -140,7 +140,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of the parsed flags, after the checks of
     :func:`samkit.train.checks.config_from_values`; :class:`CommandError` names the flag."""
-    values = {f.name: getattr(args, f.name) for f in settings() if f.setting.is_flag}
+    # only what was given (a default is what config_from_values starts from anyway), so that a
+    # flag without effect in this run (--momentum over AdamW) can be refused
+    values = {
+        f.name: getattr(args, f.name)
+        for f in settings()
+        if f.setting.is_flag and getattr(args, f.name) != f.flag_default
+    }
     try:
         return config_from_values(values)
     except ConfigError as exc:

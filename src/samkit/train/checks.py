@@ -25,7 +25,7 @@ from samkit.models import (
     model_name_problem,
     timm_models,
 )
-from samkit.optim import get_optimizer_info
+from samkit.optim import get_optimizer_info, list_optimizers
 from samkit.rundir import CONFIG_FILE
 from samkit.train.config import BASE_LEARNING_RATES, SettingField, TrainConfig, settings
 from samkit.train.errors import ConfigError
@@ -128,6 +128,35 @@ def _check_trajectory(method: str, v: dict[str, Any]) -> None:
         )
 
 
+#: The flags of one base optimizer; given with the other they would have no effect.
+BASE_OPTIMIZER_FLAGS = {
+    "sgd": ("momentum", "nesterov"),
+    "adamw": ("adamw_beta1", "adamw_beta2", "adamw_eps"),
+}
+
+
+def _refuse_flags_without_effect(values: dict[str, Any], base: str, info: Any) -> None:
+    """ConfigError for a flag given (``values``: the settings given, not defaulted) that the
+    chosen base optimizer or method would ignore, e.g. ``--momentum`` over AdamW."""
+    for owner, names in BASE_OPTIMIZER_FLAGS.items():
+        given = [n for n in names if n in values and owner != base]
+        if given:
+            raise ConfigError(
+                f"--{given[0].replace('_', '-')}: only for --base-optimizer {owner}, and this "
+                f"run's base optimizer is {base}"
+            )
+    # --run-seed is every run's; --sam-rho without effect has its own message below
+    own = {o.flag for o in info.options} | {"run_seed", "sam_rho"}
+    for name in list_optimizers():
+        other = get_optimizer_info(name)
+        given = [o.flag for o in other.options if o.flag in values and o.flag not in own]
+        if given:
+            raise ConfigError(
+                f"--{given[0].replace('_', '-')}: an option of --optimizer {other.name}, which "
+                f"this run does not use (--optimizer {info.name})"
+            )
+
+
 def config_from_values(values: dict[str, Any]) -> TrainConfig:
     """The :class:`TrainConfig` of ``values`` (field name -> value; missing ones take the
     command line's defaults), after every check a run needs before it starts."""
@@ -156,6 +185,7 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"--image-size: only for imagenet / image_folder, not {v['dataset']}")
 
     info = get_optimizer_info(v["optimizer"])
+    _refuse_flags_without_effect(values, v["base_optimizer"], info)
     rho = v["sam_rho"]
     if not info.sharpness_aware:
         if rho:
