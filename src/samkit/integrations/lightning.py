@@ -197,7 +197,6 @@ class SAMCallback(Callback):
         if not self._optimizers:
             names = ", ".join(type(o).__name__ for o in trainer.optimizers) or "no optimizer"
             raise MisconfigurationException(NOT_SAMKIT.format(names=names))
-        _fix_wrappers(trainer)
         self._automatic = pl_module.automatic_optimization
         if not self._automatic:
             return
@@ -385,10 +384,9 @@ def is_first_pass(pl_module: pl.LightningModule) -> bool:
 def missing_callback_check() -> list[Callback]:
     """Callback factory for the ``lightning.pytorch.callbacks_factory`` entry point.
 
-    Its callback, at the start of a fit, makes Lightning's optimizer wrapper run samkit's
-    methods on the real optimizer (as :class:`SAMCallback` does) and, when a samkit optimizer
-    trains with automatic optimisation and no :class:`SAMCallback`, warns about the settings
-    that are then silently wrong (BatchNorm, dropout, clipping)."""
+    Its callback, at the start of a fit, when a samkit optimizer trains with automatic
+    optimisation and no :class:`SAMCallback`, warns about the settings that are then silently
+    wrong (BatchNorm, dropout, clipping)."""
     return [_MissingCallbackCheck()]
 
 
@@ -397,7 +395,6 @@ class _MissingCallbackCheck(Callback):
         optimizers = _samkit_optimizers(trainer)
         if not optimizers:
             return
-        _fix_wrappers(trainer)
         if not pl_module.automatic_optimization or any(
             isinstance(c, SAMCallback) for c in trainer.callbacks
         ):
@@ -456,20 +453,6 @@ def _more_passes(opt: SharpnessAwareOptimizer, passes: int) -> bool:
     if passes == 1 and wants_ascent is not None and not wants_ascent():
         return False  # (asked before SAM.step asks; the answer holds for the step)
     return passes <= getattr(opt, "ascent_steps", 1)
-
-
-def _fix_wrappers(trainer: pl.Trainer) -> None:
-    """Make each ``LightningOptimizer`` run samkit's methods on the optimizer it wraps.
-
-    Lightning 2.x's wrapper forwards missing attributes to the optimizer (``__getattr__``) but
-    keeps its own ``__dict__``; samkit's ``on_owner`` looks for ``_owner`` in that ``__dict__``
-    (the layout of wrappers that copy it). Without this, ``opt.first_step()`` on
-    ``self.optimizers()`` would keep the step's bookkeeping on the wrapper and ``opt.step()``
-    would not find it."""
-    for wrapper in getattr(trainer.strategy, "_lightning_optimizers", []):
-        inner = unwrap(wrapper)
-        if isinstance(inner, SharpnessAwareOptimizer) and wrapper is not inner:
-            wrapper.__dict__["_owner"] = inner
 
 
 def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
