@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from samkit.optim import _conventions, numerics
 from samkit.optim import _functional as F
 from samkit.optim._flat import FlatStore, StepPlan
+from samkit.optim._flat_params import FlatParams, check_flat
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _grad_is_sparse = attrgetter("grad.is_sparse")
@@ -92,7 +93,11 @@ class SharpnessAwareOptimizer(Optimizer):
         foreach: bool | None,
         base_kwargs: dict[str, Any],
         shard_group: Any = None,
+        flat: bool = False,
     ) -> None:
+        self._flat = FlatParams() if flat else None  # flat=True: see samkit.optim._flat_params
+        if flat:
+            check_flat(base_optimizer, shard_group)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -116,6 +121,9 @@ class SharpnessAwareOptimizer(Optimizer):
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
             super().__init__(params, defaults)
+            if self._flat is not None:
+                for group in self.param_groups:
+                    self._flat.flatten_group(group)
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         else:
             raise TypeError(
@@ -176,6 +184,8 @@ class SharpnessAwareOptimizer(Optimizer):
             return super().add_param_group(param_group)
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
+        if self._flat is not None:
+            self._flat.flatten_group(param_group)
         self.base_optimizer.add_param_group(param_group)
         self._keys, self._plans = None, {}
 
@@ -194,6 +204,31 @@ class SharpnessAwareOptimizer(Optimizer):
         return self._owner._awaiting_second_step
 
     @on_owner
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; with ``flat=True`` the gradient buffers are
+        zeroed in place whatever ``set_to_none`` says (the gradients stay views of them)."""
+        if self._flat is None:
+            super().zero_grad(set_to_none)
+        else:
+            self._flat.zero_grad()
+
+    @on_owner
+    def sync_gradients(self) -> None:
+        """``flat=True``: move gradients that are not in the flat buffers (assigned to ``p.grad``
+        by hand, without a backward since) into them. Every method of the optimizer does this
+        first; call it only before reading ``param_groups``' gradients yourself. No-op otherwise."""
+        if self._flat is not None:
+            self._flat.sync()
+
+    @on_owner
+    def trained_parameters(self) -> list[Tensor]:
+        """The parameters this optimizer trains, in order: those of ``param_groups``, or with
+        ``flat=True`` the model's parameters behind the flat buffers that ``param_groups`` hold."""
+        if self._flat is not None:
+            return self._flat.parameters()
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @on_owner
     def fail_step(self, reason: str) -> None:
         """Mark the current step as failed, e.g. because another data-parallel replica's did.
 
@@ -208,6 +243,8 @@ class SharpnessAwareOptimizer(Optimizer):
 
         On the foreach path the plan is reused while the same parameters have gradients; with
         ``foreach=False`` it is made afresh at every pass, the per-tensor reference path."""
+        if self._flat is not None:  # gradients assigned by hand since the last backward
+            self._flat.sync()
         groups, ids = [], []
         for g in self.param_groups:
             if perturbed_only and not g.get("perturb", True):  # absent: a state dict from before
@@ -258,6 +295,10 @@ class SharpnessAwareOptimizer(Optimizer):
     perturbs_before_first_pass = False
     #: When to ascend (``samkit.optim.ascent_policy``); None: at every step.
     ascent_policy: Any = None
+
+    def _rho_factor(self) -> float:
+        """A factor on rho for this step (ESAM rescales its stochastic perturbation by 1/beta)."""
+        return 1.0
 
     def _group_rho(self, group: dict[str, Any]) -> float:
         """rho of a param group for this step (GSAM schedules it with the learning rate)."""
@@ -441,6 +482,8 @@ class SharpnessAwareOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, plus samkit's counters under ``"samkit"``."""
         state = self.base_optimizer.state_dict()
+        if self._flat is not None:  # per parameter, as without flat=True
+            state = self._flat.member_state_dict(state, self._proxies())
         state["samkit"] = {"skipped_steps": self.skipped_steps}
         if self.ascent_policy is not None:
             state["samkit"]["ascent_policy"] = self.ascent_policy.state_dict()
@@ -450,6 +493,8 @@ class SharpnessAwareOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("samkit", {})
+        if self._flat is not None:
+            state_dict = self._flat.proxy_state_dict(state_dict, self._proxies())
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -457,6 +502,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         if self.ascent_policy is not None and "ascent_policy" in extra:
             self.ascent_policy.load_state_dict(extra["ascent_policy"])
+
+    def _proxies(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
 
 def check_sam_arguments(

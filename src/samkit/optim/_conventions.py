@@ -155,6 +155,7 @@ def refuse_foreign_gradients(opt: Any) -> None:
     """RuntimeError if a parameter holds a non-zero gradient that the last ``step(closure)``
     did not leave (marks are kept by the closure form only: the two-call form costs nothing)."""
     refuse_framework_closure(opt)
+    opt.sync_gradients()
     foreign = []
     for g in opt.param_groups:
         for p in g["params"]:

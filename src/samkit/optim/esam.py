@@ -79,6 +79,11 @@ class ESAM(SAM):
             raise ValueError(f"sds_criterion must be one of {SDS_CRITERIA}, got {sds_criterion!r}")
         if kwargs.get("ascent_steps", 1) != 1:
             raise ValueError("ESAM takes one ascent step; use SAM for ascent_steps > 1")
+        if kwargs.get("flat"):
+            raise ValueError(
+                "flat=True is not supported with ESAM: its weight perturbation draws whole "
+                "parameter tensors, which the flat buffers merge; use SAM(flat=True)"
+            )
         super().__init__(params, base_optimizer, rho, **kwargs)
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             raise ValueError(FSDP_UNSUPPORTED)

@@ -61,6 +61,7 @@ class SAM(SharpnessAwareOptimizer):
     Sharded parameters (FSDP): norms are summed over the shards, automatically for DTensors
     (FSDP2), over ``shard_group`` (a process group, or True) for FSDP1's flat shards. Under DDP
     leave it None: each replica perturbs with its own gradient (the paper's m-sharpness).
+    ``flat=True``: parameters and gradients in one buffer per group (``_flat_params``), for speed.
     """
 
     def __init__(
@@ -76,12 +77,13 @@ class SAM(SharpnessAwareOptimizer):
         foreach: bool | None = None,
         ascent_steps: int = 1,
         shard_group: Any = None,
+        flat: bool = False,
         **base_kwargs: Any,
     ) -> None:
         check_sam_arguments(rho, norm, adaptive_eta, eps, ascent_steps)
         self.norm, self.eps, self.ascent_steps = float(norm), eps, ascent_steps
         defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta, perturb=True)
-        super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group)
+        super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group, flat)
         check_perturb_option(self.param_groups)
         self._ascent_y: list[list[Tensor]] = []
 
@@ -126,9 +128,6 @@ class SAM(SharpnessAwareOptimizer):
         if zero_grad:
             self.zero_grad()
         return ok
-
-    def _rho_factor(self) -> float:
-        return 1.0  # ESAM rescales its stochastic perturbation by 1/beta
 
     def _ascend(self, first: bool, rho_factor: float) -> bool:
         plan = self._perturbed

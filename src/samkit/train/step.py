@@ -69,8 +69,7 @@ class SharpnessAwareStep:
     """Callable training step: ``step(inputs, targets) -> StepOutput``.
 
     ``loss_fn(outputs, targets)`` returns per-sample losses (``reduction="none"``; required for
-    ESAM's data selection) or their mean.
-    """
+    ESAM's data selection) or their mean."""
 
     def __init__(
         self,
@@ -86,8 +85,7 @@ class SharpnessAwareStep:
         replay_rng: bool = True,
         sync_perturbations: bool | None = None,
     ) -> None:
-        # a framework's wrapper (Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer)
-        # hides first_step / second_step, or keeps copies of samkit's per-step bookkeeping
+        # a framework's wrapper (Accelerate, Lightning) hides first_step / second_step
         inner = unwrap(optimizer)
         if isinstance(inner, SAM):
             optimizer = inner
@@ -106,7 +104,12 @@ class SharpnessAwareStep:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         own = {id(p) for p in model.parameters()}
-        if not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
+        trained = (  # SAM(flat=True)'s param groups hold flat buffers: the model's are behind
+            optimizer.trained_parameters()
+            if isinstance(optimizer, SAM)
+            else [p for g in optimizer.param_groups for p in g["params"]]
+        )
+        if not any(id(p) in own for p in trained):
             raise ValueError(
                 "the optimizer holds none of the model's parameters (built for another model?): "
                 "the step would train nothing"
@@ -162,7 +165,7 @@ class SharpnessAwareStep:
         self.bn_stats, self.replay_rng = bn_stats, replay_rng
         self.sync_perturbations = bool(sync_perturbations)
         self._fsdp = fsdp is not None
-        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._params = trained  # the model's (behind SAM(flat=True)'s buffers, too)
         # where the plain path's gradient norm is summed (FSDP shards), fixed for these params
         shard_group = fsdp if fsdp not in (None, ()) else None
         self._norm_keys = numerics.reduce_keys(self._params, shard_group)
@@ -343,6 +346,7 @@ class SharpnessAwareStep:
                 grads = [p.grad for p in self._params if p.grad is not None]
                 if grads:
                     grads[0].fill_(float("inf"))
+            opt.sync_gradients()  # flat=True: unscale_ reads the buffers
             scaler.unscale_(opt.base_optimizer)  # the one unscale_ of this update: the SAM gradient
         took = opt.second_step(zero_grad=True, max_grad_norm=self.max_grad_norm)
         if scaler is not None:
