@@ -308,7 +308,7 @@ def test_labels_of_the_methods_that_ascend_on_some_steps():
     assert looksam.describe({"k": 2, "alpha": 0.5, "adaptive": True}) == (
         "LookSAM rho=0.05 k=2 alpha=0.5 adaptive"
     )
-    assert aesam.describe({}) == "AE-SAM rho=0.05 delta=0.9 c=-1->1"
+    assert aesam.describe({}) == "AE-SAM rho=0.05 delta=0.9 c=1->-1"
     assert aesam.describe({"lambda1": 0.5, "lambda2": 0.5}) == "AE-SAM rho=0.05 delta=0.9 c=0.5"
     assert rst.describe({}) == "RST rho=0.05 p=0.5"  # the label before the flags
     assert rst.describe({"p": 0.8, "p_end": 0.2, "schedule": "cosine"}) == (

@@ -131,7 +131,7 @@ def test_aesam_is_the_papers_policy():
         sq = dot(g, g).item()
         mu = delta * mu + (1 - delta) * sq
         var = delta * var + (1 - delta) * (sq - mu) ** 2
-        c = lam1 + (lam2 - lam1) * t / steps
+        c = (t / steps) * lam1 + (1 - t / steps) * lam2  # from lambda2 to lambda1
         sam = sq >= mu + c * math.sqrt(var)
         decisions.append(sam)
         u = grad_at(model, sam_point(w, g), x, y) if sam else g

@@ -96,7 +96,7 @@ def test_late_sam_switches_at_ceil_of_the_fraction_of_the_run(data, tmp_path):
 def test_aesam_schedules_its_threshold_over_the_run(data, tmp_path):
     factors = []
 
-    def after_step(step, opt):  # c_t of the coming step t = step: lambda1 + (l2 - l1) t / T
+    def after_step(step, opt):  # c_t of the coming step t: (t/T) lambda1 + (1 - t/T) lambda2
         factors.append((step, opt.ascent_policy.threshold_factor()))
 
     flags = ["--optimizer", "aesam", "--aesam-delta", "0.8", "--aesam-lambda1", "-2"]
@@ -105,8 +105,9 @@ def test_aesam_schedules_its_threshold_over_the_run(data, tmp_path):
     policy = seen.optimizer.ascent_policy
     assert type(seen.optimizer) is AESAM and policy.total_steps == 16
     assert (policy.delta, policy.lambda1, policy.lambda2) == (0.8, -2.0, 2.0)
-    assert factors == [(t, pytest.approx(-2.0 + 4.0 * t / 16)) for t in range(1, 5)]
-    assert seen.passes[0] == 2  # mu = 0.2 x, sigma^2 = 0.2 (0.8 x)^2, c_0 = -2: below x
+    assert factors == [(t, pytest.approx(2.0 - 4.0 * t / 16)) for t in range(1, 5)]
+    # mu = 0.2 x, sigma = sqrt(0.2) 0.8 x = 0.358 x, c_0 = 2: the threshold 0.92 x is below x
+    assert seen.passes[0] == 2
     assert set(seen.passes) <= {1, 2}
     config, summary = read_json(tmp_path / "config.json"), read_json(tmp_path / "summary.json")
     assert (config["aesam_delta"], config["aesam_lambda1"], config["aesam_lambda2"]) == (
@@ -114,7 +115,7 @@ def test_aesam_schedules_its_threshold_over_the_run(data, tmp_path):
         -2.0,
         2.0,
     )
-    assert summary["optimizer"] == "AE-SAM rho=0.05 delta=0.8 c=-2->2"
+    assert summary["optimizer"] == "AE-SAM rho=0.05 delta=0.8 c=2->-2"
     _, checkpoint = load_latest_checkpoint(tmp_path / "checkpoints")
     assert checkpoint["optimizer"]["samkit"]["ascent_policy"]["steps"] == 4
 

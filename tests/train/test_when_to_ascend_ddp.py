@@ -119,7 +119,8 @@ def aesam_decisions():
     def decide(t, x):
         state["mu"] = 0.5 * state["mu"] + 0.5 * x
         state["var"] = 0.5 * state["var"] + 0.5 * (x - state["mu"]) ** 2
-        return x >= state["mu"] + (-1.0 + 2.0 * t / STEPS) * math.sqrt(state["var"])
+        c = (t / STEPS) * -1.0 + (1 - t / STEPS) * 1.0  # the defaults: from 1 to -1
+        return x >= state["mu"] + c * math.sqrt(state["var"])
 
     return decide
 

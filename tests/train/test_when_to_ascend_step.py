@@ -25,7 +25,9 @@ LR = 0.1
 
 FACTORIES = {
     "looksam": lambda p: LookSAM(p, torch.optim.SGD, k=2, lr=LR, momentum=0.9),
-    "aesam": lambda p: AESAM(p, torch.optim.SGD, total_steps=6, lr=LR, momentum=0.9),
+    "aesam": lambda p: AESAM(  # c_t from -1 to 1: both branches within six steps
+        p, torch.optim.SGD, lambda1=1.0, lambda2=-1.0, total_steps=6, lr=LR, momentum=0.9
+    ),
     "rst": lambda p: RST(p, torch.optim.SGD, p=0.5, seed=4, lr=LR, momentum=0.9),
     "late": lambda p: LateSAM(p, torch.optim.SGD, start_step=3, lr=LR, momentum=0.9),
     "msam": lambda p: MomentumSAM(p, torch.optim.SGD, rho=0.1, lr=LR, momentum=0.9),

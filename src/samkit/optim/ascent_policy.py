@@ -24,7 +24,8 @@ Policies (each any SAM-family optimizer can take: ``opt.ascent_policy = RandomPo
 * :class:`GradientNormPolicy` (AE-SAM, Jiang et al., ICLR 2023): ascend iff
   ``||g_t||^2 >= mu_t + c_t sigma_t``, with ``mu_t = delta mu_{t-1} + (1 - delta) ||g_t||^2`` and
   ``sigma_t^2 = delta sigma_{t-1}^2 + (1 - delta) (||g_t||^2 - mu_t)^2`` (``mu_0 = sigma_0 = 0``)
-  and ``c_t = lambda1 + (lambda2 - lambda1) t / T`` (the paper's linear schedule).
+  and ``c_t = (t / T) lambda1 + (1 - t / T) lambda2``, linear from ``lambda2`` at the start to
+  ``lambda1`` at the end (the defaults, -1 and 1, make SAM rare early and frequent late).
 * :class:`RandomPolicy` (RST / SS-SAM, Zhao et al. 2022): ascend iff ``u_t < p_t``, ``u_t`` a
   uniform draw from a seeded ``torch.Generator``; ``p_t`` constant, or from ``p`` to ``p_end``
   along one of the paper's schedule families (piecewise, linear, trigonometric).
@@ -232,7 +233,8 @@ class GradientNormPolicy(AscentPolicy):
         """``c_t`` of the coming step (no ``total_steps`` needed when constant)."""
         if self.lambda1 == self.lambda2:
             return self.lambda1
-        return self.lambda1 + (self.lambda2 - self.lambda1) * self.progress()
+        s = self.progress()
+        return s * self.lambda1 + (1.0 - s) * self.lambda2
 
     def decide(self, grad_sq: Callable[[], float]) -> bool:
         c = self.threshold_factor()

@@ -126,7 +126,7 @@ def _looksam_label(v: Mapping[str, Any]) -> str:
 
 
 def _aesam_label(v: Mapping[str, Any]) -> str:
-    c = f"{v['lambda1']:g}" + ("" if v["lambda1"] == v["lambda2"] else f"->{v['lambda2']:g}")
+    c = f"{v['lambda2']:g}" + ("" if v["lambda1"] == v["lambda2"] else f"->{v['lambda1']:g}")
     return f"AE-SAM rho={v['rho']:g} delta={v['delta']:g} c={c}" + _adaptive(v)
 
 
@@ -348,7 +348,7 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
         name="aesam",
         cls=AESAM,
         description="AE-SAM: SAM on the steps whose squared gradient norm is high for its moving "
-        "mean and variance (threshold factor c_t from lambda1 to lambda2), the base optimizer "
+        "mean and variance (threshold factor c_t from lambda2 to lambda1), the base optimizer "
         "alone on the others (about 1.3-1.5 passes)",
         paper="Jiang et al., An Adaptive Policy to Employ Sharpness-Aware Minimization, ICLR 2023",
         options=(
@@ -365,15 +365,15 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
                 name="lambda1",
                 flag="aesam_lambda1",
                 default=-1.0,
-                help="AE-SAM: c_t at the first step (a step is SAM when ||g||^2 >= mean + c_t std)",
+                help="AE-SAM: c_t at the end of the run (linear from --aesam-lambda2 over the "
+                "run's steps; a step is SAM when ||g||^2 >= mean + c_t std)",
                 domain=_THRESHOLD,
             ),
             OptimOption(
                 name="lambda2",
                 flag="aesam_lambda2",
                 default=1.0,
-                help="AE-SAM: c_t at the end of the run (linear from --aesam-lambda1 over the "
-                "run's steps)",
+                help="AE-SAM: c_t at the first step",
                 domain=_THRESHOLD,
             ),
         ),
