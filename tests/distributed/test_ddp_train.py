@@ -202,6 +202,33 @@ def test_sync_perturbations_equals_global_batch_sam(runs):
     assert max_param_diff(runs["nobn_ddp_sync"], runs["nobn_ddp"]) > 1e-5
 
 
+#: SAF (its bank needs the logits of epoch e - 1, so from epoch 3 of 3) and MESA (from epoch 2)
+TRAJECTORY = {
+    "saf": ["--optimizer", "saf", "--trajectory-start-epoch", "1", "--saf-epochs-back", "1",
+            "--num-epochs", "3"],
+    "mesa": ["--optimizer", "mesa", "--trajectory-start-epoch", "1", "--mesa-ema-decay", "0.5"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(TRAJECTORY))
+def test_saf_and_mesa_under_torchrun_equal_one_process(method, data, tmp_path):
+    """2 processes x 8 images == one process x 16 (no BatchNorm, plain SGD plus the trajectory
+    term): every rank's SAF bank holds every sample's logits (each step gathers them from all
+    ranks), and MESA's teacher is the same on every rank."""
+    flags = ["--model-name", "nobn_cnn", *TRAJECTORY[method]]
+    train(tmp_path / "ddp", data, flags, 2, nobn=True)
+    train(tmp_path / "single", data, flags, 1, nobn=True)
+    epochs = TRAJECTORY[method][-2:] if method == "saf" else []
+    plain = ["--model-name", "nobn_cnn", "--optimizer", "sgd", *epochs]  # no trajectory term
+    train(tmp_path / "plain", data, plain, 1, nobn=True)
+    assert max_param_diff(tmp_path / "ddp", tmp_path / "single") < 1e-6
+    assert max_param_diff(tmp_path / "single", tmp_path / "plain") > 1e-5  # the term mattered
+    if method == "saf":
+        _, state = load_latest_checkpoint(tmp_path / "ddp" / "checkpoints")
+        written = state["trajectory"]["written"]
+        assert bool((written.max(dim=0).values >= 1).all())  # all 64 samples, not rank 0's 32
+
+
 def test_only_rank_0_writes_and_evaluation_is_exact(runs):
     run = runs["ddp"]
     names = sorted(p.name for p in run.iterdir())

@@ -108,13 +108,7 @@ def _kind_name(kind: type) -> str:
 
 
 def _check_trajectory(method: str, v: dict[str, Any]) -> None:
-    """SAF / MESA: one process, and a run long enough for the trajectory loss to start."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            f"--optimizer {method}: not supported under torchrun yet (SAF's stored logits and "
-            "MESA's teacher would be each process's own, and checkpoints hold rank 0's); train "
-            "in one process"
-        )
+    """SAF / MESA: a run long enough for the trajectory loss to start."""
     first = v["trajectory_start_epoch"]
     needs = ""
     if method == "saf" and v["saf_epochs_back"] > first:

@@ -61,6 +61,10 @@ MESA_train.py, run.sh, README), and where we chose:
   every checkpoint so that a resumed run continues bit for bit.
 * Only steps taken (finite loss and gradients) write the bank and update MESA's EMA, as samkit's
   ``--ema-decay``. The train loss in the metrics stays the plain cross-entropy.
+* Under torch.distributed every rank's bank gets every rank's samples of each step (gathered),
+  and MESA's teacher buffers (BatchNorm statistics, each replica's from its own batches) are
+  averaged over the ranks after each update: the teacher, the bank and so rank 0's checkpoint are
+  the same on every rank.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -250,8 +255,9 @@ class SAF(TrajectoryLoss):
                 f"SAF stores [batch, {self.logits.shape[2]}] logits, got outputs of shape "
                 f"{tuple(outputs.shape)}"
             )
+        index, logits = _from_every_rank(index, outputs.detach().to("cpu", self.logits.dtype))
         slot = self._epoch % self.epochs_back
-        self.logits[slot, index] = outputs.detach().to("cpu", self.logits.dtype)
+        self.logits[slot, index] = logits
         self.written[slot, index] = self._epoch
 
     def state_dict(self) -> dict[str, Any]:
@@ -306,6 +312,7 @@ class MESA(TrajectoryLoss):
         super().after_step(model, outputs, took_step)
         if took_step:
             self.ema.update(model)
+            _average_buffers_over_ranks(self.teacher)
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "ema": self.ema.state_dict()}
@@ -316,6 +323,33 @@ class MESA(TrajectoryLoss):
         if set(ema) != set(self.ema.shadow):
             raise ValueError("MESA's EMA state is for another model (its keys differ)")
         self.ema.load_state_dict(ema)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _from_every_rank(index: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Under torch.distributed, every rank's samples of this step (indices and logits, on the
+    CPU), so that each rank's SAF bank holds the whole training set; else the arguments."""
+    if not _distributed():
+        return index, logits
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (index, logits))
+    return torch.cat([i for i, _ in gathered]), torch.cat([z for _, z in gathered])
+
+
+@torch.no_grad()
+def _average_buffers_over_ranks(module: nn.Module) -> None:
+    """Under torch.distributed, the mean over the ranks of ``module``'s floating-point buffers
+    (MESA's teacher: each replica's BatchNorm statistics come from its own batches; averaged, the
+    teacher is the same on every rank, and so is the checkpoint rank 0 writes)."""
+    if not _distributed():
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(dist.get_world_size())
 
 
 #: ``samkit train --optimizer NAME`` -> its trajectory loss (the registry's entries saf, mesa).
