@@ -282,6 +282,8 @@ def test_add_param_group_gets_its_own_buffer():
         runs.append((model, opt))
     assert_same(*runs[0], *runs[1])
     assert [len(g["params"]) for g in runs[1][1].param_groups] == [1, 1]
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        runs[1][1].add_param_group({"params": list(runs[1][0].parameters())[:1]})
 
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])

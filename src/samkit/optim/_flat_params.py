@@ -183,6 +183,9 @@ class FlatParams:
                 )
             if numerics.is_dtensor(p):
                 raise ValueError("flat=True is not for sharded (DTensor / FSDP) parameters")
+        held = {id(p) for m in self.group_members for p in m}
+        if held & {id(p) for p in members} or len({id(p) for p in members}) < len(members):
+            raise ValueError("some parameters appear in more than one parameter group")
         by_kind: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in members:
             by_kind.setdefault((p.device, p.dtype), []).append(p)
