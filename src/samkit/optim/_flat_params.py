@@ -29,6 +29,7 @@ per-tensor rule (LAMB, LARS, Adafactor) would see one tensor instead of many.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from operator import attrgetter
 from typing import Any
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from samkit.optim import numerics
 
 _requires_grad = attrgetter("requires_grad")
+_grad = attrgetter("grad")
 #: Each flattened parameter's gradient hook, by id (a weak reference confirms the parameter): a
 #: parameter flattened again (a new optimizer over the same model) drops the old buffer's hook.
 #: Not an attribute of the parameter, which would make the model unpicklable.
@@ -90,13 +92,11 @@ class _Buffer:
         self.grad_slots = self.slots(grads)
         for p, slot in zip(self.members, self.grad_slots):
             p.grad = slot
-        self._grad_ptrs = list(map(Tensor.data_ptr, self.grad_slots))
 
     def bound(self) -> bool:
-        try:
-            return [p.grad.data_ptr() for p in self.members] == self._grad_ptrs
-        except (AttributeError, RuntimeError):  # a gradient is None, or sparse (no data pointer)
-            return False
+        """Every member's gradient is still its slot (the same tensor: autograd and DDP
+        accumulate and copy in place; any other gradient is another object)."""
+        return all(map(operator.is_, map(_grad, self.members), self.grad_slots))
 
     def check(self) -> None:
         """RuntimeError if a member left its weight slot or stopped requiring gradients."""
@@ -155,7 +155,7 @@ class _Buffer:
         """Post-accumulate-grad hook of member ``index``: a gradient outside its slot is moved
         in at once, so the proxy's gradient is current whoever reads it next."""
         grad = self.members[index].grad
-        if grad is not None and (grad.is_sparse or grad.data_ptr() != self._grad_ptrs[index]):
+        if grad is not None and grad is not self.grad_slots[index]:
             self.sync()
 
     def zero_grad(self) -> None:
