@@ -42,7 +42,7 @@ from samkit.rundir import (
     write_jsonl,
 )
 from samkit.rundir import layout as keys
-from samkit.train import build, distributed, records
+from samkit.train import build, distributed, records, reference
 from samkit.train.bootstrap import relabel_from_run
 from samkit.train.config import TrainConfig
 from samkit.train.ema import EMA
@@ -397,6 +397,10 @@ def finish(run: Run, state: RunState, status: str) -> dict[str, Any]:
             sync_perturbations=cfg.sync_perturbations,
             sync_bn=cfg.sync_bn,
         )
+    # the committed evidence at these settings, if there is some (the main job's defaults)
+    comparison = reference.compare(cfg.to_dict(), final[keys.TEST_ERROR_RATE])
+    if comparison is not None:
+        summary["reference"] = comparison
     if run.is_main:
         write_json(run.run_dir / SUMMARY_FILE, summary)
     stopped = " (stopped by --max-steps)" if status == keys.MAX_STEPS else ""
@@ -405,6 +409,8 @@ def finish(run: Run, state: RunState, status: str) -> dict[str, Any]:
         f"{final[keys.TEST_ERROR_RATE]:.2%}) after {state.global_step} steps{stopped}, "
         f"{summary[keys.WALL_SECONDS]:.0f}s; results in {run.run_dir}"
     )
+    for line in reference.describe(comparison) if comparison is not None else ():
+        run.log(line)
     return summary
 
 
