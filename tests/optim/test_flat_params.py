@@ -234,17 +234,19 @@ def test_a_skipped_step_leaves_weights_and_state_untouched():
     )
 
 
+@pytest.mark.parametrize("method", ["sam_adamw", "looksam", "fsam"])
 @pytest.mark.parametrize("save_flat,load_flat", [(True, True), (True, False), (False, True)])
-def test_checkpoints_move_between_flat_and_per_tensor(save_flat, load_flat):
-    """state_dict() is per parameter in both modes; a run resumed from it in either mode
-    continues as the uninterrupted per-tensor run."""
+def test_checkpoints_move_between_flat_and_per_tensor(save_flat, load_flat, method):
+    """state_dict() is per parameter in both modes (the base optimizer's state, LookSAM's g_v,
+    Friendly-SAM's average); a run resumed from it in either mode continues as the uninterrupted
+    per-tensor run."""
     data = batches(6)
     ref_model = mlp()
-    ref = SAM(ref_model.parameters(), AdamW, lr=1e-2, weight_decay=1e-2)
+    ref = build(method, ref_model, False)
     train(ref_model, ref, data)
 
     model = mlp()
-    opt = SAM(model.parameters(), AdamW, lr=1e-2, weight_decay=1e-2, flat=save_flat)
+    opt = build(method, model, save_flat)
     train(model, opt, data[:3])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -253,7 +255,7 @@ def test_checkpoints_move_between_flat_and_per_tensor(save_flat, load_flat):
 
     resumed = mlp(seed=5)
     resumed.load_state_dict(saved["model"])
-    opt2 = SAM(resumed.parameters(), AdamW, lr=1e-2, weight_decay=1e-2, flat=load_flat)
+    opt2 = build(method, resumed, load_flat)
     opt2.load_state_dict(saved["opt"])
     train(resumed, opt2, data[3:])
     assert_same(ref_model, ref, resumed, opt2)

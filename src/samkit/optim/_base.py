@@ -451,18 +451,27 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _per_param_list(self, tensors: dict[Tensor, Tensor]) -> list[Tensor | None]:
         """``tensors`` (at most one per parameter: a variant's moving average, LookSAM's g_v) in
-        the order of the param groups, for ``state_dict``."""
+        the order of the param groups, for ``state_dict``; per model parameter with ``flat``."""
+        if self._flat is not None:
+            return self._flat.split_per_parameter(tensors)
         return [tensors.get(p) for g in self.param_groups for p in g["params"]]
 
     def _per_param_dict(self, saved: list[Tensor | None] | None) -> dict[Tensor, Tensor]:
         """The inverse of ``_per_param_list`` after ``load_state_dict``: each saved tensor
         copied to its parameter's device and dtype."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        return {
+        params = self.trained_parameters()
+        saved = list(saved or [])
+        if saved and len(saved) != len(params):
+            raise ValueError(
+                f"the state dict holds {len(saved)} per-parameter tensors of "
+                f"{type(self).__name__}, this optimizer has {len(params)} parameters"
+            )
+        loaded = {
             p: v.to(device=p.device, dtype=p.dtype).clone()
-            for p, v in zip(params, saved or [])
+            for p, v in zip(params, saved)
             if v is not None
         }
+        return self._flat.gather_per_proxy(loaded) if self._flat is not None else loaded
 
     # -- how frameworks call it (samkit.optim._conventions) ------------------------------------
 

@@ -215,6 +215,36 @@ class FlatParams:
     def _slot_of(self) -> dict[Tensor, tuple[_Buffer, int]]:
         return {p: (b, i) for b in self.buffers.values() for i, p in enumerate(b.members)}
 
+    def split_per_parameter(self, tensors: dict[Tensor, Tensor]) -> list[Tensor | None]:
+        """A variant's per-proxy tensors (``tensors[proxy]``) as one per model parameter, in
+        order (None where the proxy has none): the format without ``flat``."""
+        out: list[Tensor | None] = []
+        slot_of = self._slot_of()
+        for p in self.parameters():
+            buffer, i = slot_of[p]
+            value = tensors.get(buffer.proxy)
+            off, shape, stride = buffer.layout[i]
+            out.append(
+                None
+                if value is None
+                else value.as_strided(shape, stride, value.storage_offset() + off)
+            )
+        return out
+
+    def gather_per_proxy(self, tensors: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """The inverse of :meth:`split_per_parameter` (``tensors`` by model parameter); a
+        parameter without one gets zeros in its slot."""
+        out = {}
+        for proxy, buffer in self.buffers.items():
+            values = [tensors.get(p) for p in buffer.members]
+            if all(v is None for v in values):
+                continue
+            out[proxy] = torch.zeros_like(proxy, memory_format=torch.contiguous_format).detach()
+            for v, slot in zip(values, buffer.slots(out[proxy])):
+                if v is not None:
+                    slot.copy_(v)
+        return out
+
     def member_state_dict(self, state: dict[str, Any], proxies: list[Tensor]) -> dict[str, Any]:
         """The base optimizer's state dict over the proxies (``proxies[i]`` is index ``i``)
         rewritten per parameter, as the optimizer would have without ``flat``."""
