@@ -390,6 +390,28 @@ def test_batchnorm_statistics_come_from_the_first_pass():
     assert model[1].track_running_stats  # restored after the second pass
 
 
+def test_a_skipped_step_puts_the_batchnorm_statistics_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, data = accelerator.prepare(model, sgd_sam(model), loader())
+    x, y = next(iter(data))
+    before = [b.clone() for b in model[1].buffers()]
+    bad = x.clone()
+    bad[0, 0] = float("nan")  # the first pass's statistics would be NaN
+    with pytest.warns(RuntimeWarning):
+        sam_backward(accelerator, model, optimizer, lambda: F.cross_entropy(model(bad), y))
+        optimizer.step()
+    optimizer.zero_grad()
+    assert unwrap(optimizer).skipped_steps == 1
+    for buffer, saved in zip(model[1].buffers(), before):
+        assert torch.equal(buffer, saved)
+    sam_backward(accelerator, model, optimizer, lambda: F.cross_entropy(model(x), y))
+    optimizer.step()  # a good step updates them as usual
+    assert unwrap(optimizer).skipped_steps == 1
+    assert not torch.equal(model[1].running_mean, before[0])
+
+
 def test_extra_ascent_steps_as_in_sharpness_aware_step():
     # SAM(ascent_steps=2): samkit's own step helper is the reference here
     model, reference = mlp(), mlp()

@@ -359,6 +359,39 @@ def test_an_fp16_overflow_skips_the_step_and_the_lr_schedule(tmp_path):
     assert trainer.lr_scheduler.get_last_lr() == [0.1]  # not advanced by skipped steps
 
 
+class BatchNormNet(torch.nn.Module):
+    """A model with BatchNorm, in the Trainer's calling convention (keyword inputs, a loss)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2)
+        ).double()
+
+    def forward(self, x, labels):
+        logits = self.net(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_a_skipped_step_puts_the_batchnorm_statistics_back(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x, labels = torch.randn(4, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    x[0, 0] = float("nan")  # the first pass's batch statistics would be NaN
+    model = BatchNormNet()
+    before = [b.clone() for b in model.net[1].buffers()]
+    args = arguments(tmp_path, gradient_accumulation_steps=1, max_steps=1)
+    data = [{"x": x[i], "labels": labels[i]} for i in range(4)]
+    trainer = SAMTrainer(
+        model=model, args=args, train_dataset=data, optimizers=(sgd_sam(model), None)
+    )
+    with pytest.warns(RuntimeWarning):
+        trainer.train()
+    assert trainer.optimizer.optimizer.skipped_steps == 1
+    for buffer, saved in zip(model.net[1].buffers(), before):
+        assert torch.equal(buffer, saved)
+
+
 def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     data = dataset(32, seed=5)  # 4 steps per epoch: the checkpoint is in the middle of one
     whole = tiny_bert(dropout=0.1, seed=6)

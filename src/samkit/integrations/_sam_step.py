@@ -18,7 +18,10 @@ base step with the summed SAM gradient (``SAM.step()`` after ``first_step()`` is
 ``second_step()``), after the framework's clipping, which therefore clips the SAM gradient.
 
 A non-finite first pass in any micro-batch skips the whole step: the next micro-batch's
-``first_step`` clears ``failed_pass``, so the failure is carried over with ``fail_step``.
+``first_step`` clears ``failed_pass``, so the failure is carried over with ``fail_step``. A
+skipped step changes nothing: the BatchNorm running statistics as they were before the step's
+first forward are put back by a step post-hook on the optimizer (one non-finite input would
+otherwise leave NaN in ``running_var`` for every later evaluation).
 """
 
 from __future__ import annotations
@@ -94,7 +97,9 @@ def sam_micro_batch(
     Leaves ``optimizer`` at ``w`` with ``awaiting_second_step`` True; the framework's
     ``optimizer.step()`` (after the last micro-batch) makes the base step."""
     carried = optimizer.failed_pass if optimizer.awaiting_second_step else None
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not optimizer.awaiting_second_step:  # the step's first micro-batch
+        _BatchNormBackup.before_step(optimizer, model)
+    params = optimizer.trained_parameters()  # the model's (behind flat=True's buffers, too)
     accumulated = [p.grad for p in params]  # the SAM-gradient sum of the step so far
     for p in params:
         p.grad = None
@@ -121,6 +126,42 @@ def sam_micro_batch(
     if failed is not None:
         optimizer.fail_step(failed)
     return loss
+
+
+class _BatchNormBackup:
+    """The running statistics of ``model``'s BatchNorm layers before a step, put back by a step
+    post-hook on the optimizer if that step was skipped (``skipped_steps`` grew)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [
+            b
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
+        self.saved: list[Tensor] = []
+        self.skipped_before = 0
+
+    @classmethod
+    def before_step(cls, optimizer: SAM, model: nn.Module) -> None:
+        backup = getattr(optimizer, "_samkit_bn_backup", None)
+        if backup is None or backup.model_id != id(model):
+            backup = cls(model)
+            backup.model_id = id(model)
+            optimizer._samkit_bn_backup = backup
+            if backup.buffers:
+                optimizer.register_step_post_hook(lambda opt, args, kwargs: backup.after_step(opt))
+        with torch.no_grad():
+            backup.saved = [b.clone() for b in backup.buffers]
+        backup.skipped_before = optimizer.skipped_steps
+
+    @torch.no_grad()
+    def after_step(self, optimizer: SAM) -> None:
+        if self.saved and unwrap(optimizer).skipped_steps > self.skipped_before:
+            for buffer, saved in zip(self.buffers, self.saved):
+                buffer.copy_(saved)
+        self.saved = []
 
 
 @contextlib.contextmanager
