@@ -370,3 +370,20 @@ def test_a_flat_model_still_pickles_and_deep_copies():
         x, y = batches(1)[0]
         F.cross_entropy(copied(x), y).backward()  # no hook of the original fires
     assert all(p.grad is not None for p in copied.parameters())
+
+
+def test_gradients_beyond_float32s_norm_range_are_taken_on_the_buffer_too():
+    # ||g|| of 2e20-scale gradients overflows float32's sum of squares: the float64 fallback
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = SAM(model.parameters(), SGD, rho=0.05, lr=1e-21, flat=True)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2e20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-finite gradient; step skipped"
+        assert opt.first_step()
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 2e20)
+        assert opt.second_step(max_grad_norm=1.0)
+    assert opt.skipped_steps == 0
+    assert math.isfinite(opt.last_grad_norm.item()) and opt.last_grad_norm.item() > 1e20
+    assert all(torch.isfinite(p).all() for p in model.parameters())
