@@ -244,6 +244,41 @@ def test_under_the_step_helper_with_batchnorm_and_bf16():
     assert model[1].num_batches_tracked.item() == 3  # the first pass of each step only
 
 
+@pytest.mark.parametrize("method", ["sam_on", "sam_on_with_policy"])
+def test_the_helpers_first_backward_skips_the_weight_gradients_sam_on_does_not_read(method):
+    """SharpnessAwareStep runs SAM-ON's first pass with the other parameters frozen: one
+    gradient per step for them (the second pass's), two for the normalisation parameters; the
+    result is the same (the two-call form computes every gradient). With an ascent policy the
+    first pass's gradients may be the update's, so nothing is frozen."""
+    model, ref = net(), net()
+    groups = sam_on_groups
+    if method == "sam_on":
+        opt = SAM(groups(model), torch.optim.SGD, rho=RHO, lr=LR)
+    else:
+        from samkit.optim.ascent_policy import RST
+
+        opt = RST(groups(model), torch.optim.SGD, rho=RHO, p=1.0, lr=LR)
+    ref_opt = SAM(groups(ref), torch.optim.SGD, rho=RHO, lr=LR)
+    step = SharpnessAwareStep(model, opt, nn.functional.cross_entropy)
+    counts = {n: 0 for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.register_hook(lambda g, n=n: counts.__setitem__(n, counts[n] + 1))
+    for x, y in batches(2):
+        assert step(x, y).took_step
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.first_step(zero_grad=True)
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.second_step(zero_grad=True)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    frozen = 1 if method == "sam_on" else 2
+    assert {n: c for n, c in counts.items() if n not in NORM} == {
+        n: 2 * frozen for n in counts if n not in NORM
+    }
+    assert all(counts[n] == 4 for n in NORM)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 
 

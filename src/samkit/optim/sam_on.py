@@ -18,17 +18,20 @@ the other options act on the perturbed group as usual::
     opt = create_optimizer("sam_on", model, torch.optim.SGD, rho=0.05, lr=0.1)  # the same
 
 Far fewer parameters move than with SAM, so tune rho for SAM-ON on its own rather than reusing
-SAM's. A step costs SAM's two passes (the first backward still computes every gradient); only the
-copy of the clean weights is smaller (the normalisation parameters alone).
+SAM's. A step costs SAM's two passes, but the first backward needs only the normalisation
+parameters' gradients: ``samkit.train.SharpnessAwareStep`` runs it without the others' weight
+gradients (:func:`unperturbed_frozen`), and the copy of the clean weights is smaller.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["NORM_LAYERS", "sam_on_groups"]
+__all__ = ["NORM_LAYERS", "sam_on_groups", "unperturbed_frozen"]
 
 #: The layer types whose parameters SAM-ON perturbs (subclasses included: timm's
 #: ``BatchNormAct2d``, ``LayerNorm2d`` and ``GroupNormAct`` derive from these; its ``RmsNorm``,
@@ -79,3 +82,38 @@ def sam_on_groups(
     if other:
         groups.append({"params": other, "perturb": False})
     return groups
+
+
+@contextlib.contextmanager
+def unperturbed_frozen(optimizer: Any, *, local: bool) -> Iterator[None]:
+    """Inside the block the parameters of ``optimizer``'s ``perturb=False`` groups do not require
+    grad, so a first backward run in it skips their weight gradients, which the step never reads
+    (the ascent uses the perturbed groups' gradients, the update the second pass's).
+
+    A no-op unless the first pass is ``local`` (not all-reduced: DDP's reducer expects every
+    gradient) and the step never updates with the first pass's gradients: not GSAM or WSAM (they
+    combine them into the update), no ``ascent_policy`` (a step without ascent is a base step on
+    them), not Momentum-SAM (its one pass is the update's); and with no flat buffers
+    (``flat=True`` refuses frozen parameters)."""
+    frozen = []
+    if (
+        local
+        and not optimizer.stores_clean_gradient
+        and optimizer.ascent_policy is None
+        and not optimizer.perturbs_before_first_pass
+        and getattr(optimizer, "_flat", None) is None
+    ):
+        frozen = [
+            p
+            for g in optimizer.param_groups
+            if not g.get("perturb", True)
+            for p in g["params"]
+            if p.requires_grad
+        ]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

@@ -5,6 +5,8 @@
 :func:`from_env` reads them; :func:`init_process_group` joins the group with NCCL when training
 on CUDA and gloo otherwise. :func:`eval_shard` cuts every rank's share out of an evaluation set
 (training batches are sharded by the loader: ``make_loader(..., shard=(rank, world_size))``).
+:func:`fsdp_shard_group` tells the training step which process group FSDP shards sum their
+norms over.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+from samkit.optim import SAM, numerics
 
 __all__ = [
     "DistInfo",
@@ -107,3 +114,23 @@ def exit_without_teardown(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def fsdp_shard_group(model: nn.Module, optimizer: Optimizer) -> Any:
+    """None without FSDP; else the group plain-tensor shards sum their norms over (``()`` when the
+    parameters are DTensors, which know their own mesh)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(numerics.is_dtensor(p) for p in params):
+        return ()
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return None
+    if isinstance(model, FullyShardedDataParallel):
+        if isinstance(optimizer, SAM) and optimizer.shard_group in (None, False):
+            raise ValueError(
+                "FullyShardedDataParallel holds flat parameter shards: build SAM with "
+                "shard_group=True (or the FSDP process group) so its norms cover every shard"
+            )
+        return model.process_group
+    return None

@@ -50,6 +50,8 @@ from torch.optim import Optimizer
 
 from samkit.optim import ESAM, SAM, numerics, unwrap
 from samkit.optim.esam import FSDP_UNSUPPORTED as ESAM_FSDP_UNSUPPORTED
+from samkit.optim.sam_on import unperturbed_frozen
+from samkit.train.distributed import fsdp_shard_group
 
 BN_STATS = ("first", "second", "both")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,7 +116,7 @@ class SharpnessAwareStep:
                 "the optimizer holds none of the model's parameters (built for another model?): "
                 "the step would train nothing"
             )
-        fsdp = _fsdp_group(model, optimizer)
+        fsdp = fsdp_shard_group(model, optimizer)
         if fsdp is not None:
             if sync_perturbations is False:
                 raise ValueError(
@@ -305,9 +307,9 @@ class SharpnessAwareStep:
         """DDP no_sync unless ``sync``, RNG replay, BatchNorm statistics policy, autocast."""
         if rng is not None and self.replay_rng:
             self._set_rng_state(rng)
-        freeze_bn = kind == "ascent" or (kind, self.bn_stats) in (
-            ("second", "first"),
-            ("first", "second"),
+        freeze_bn = kind == "ascent" or f"{kind}/{self.bn_stats}" in (
+            "second/first",
+            "first/second",
         )
         # FSDP1 has a no_sync too, but it would leave unsharded gradients behind: never use it.
         no_sync = None if self._fsdp else getattr(self.model, "no_sync", None)
@@ -318,7 +320,16 @@ class SharpnessAwareStep:
             autocast = torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             )
-            with no_sync() if (no_sync and not sync) else contextlib.nullcontext(), autocast:
+            frozen = (  # SAM-ON's first backward: no weight gradients it would not use
+                unperturbed_frozen(self.optimizer, local=not sync)
+                if kind == "first" and not isinstance(self.optimizer, ESAM)
+                else contextlib.nullcontext()
+            )
+            with (
+                no_sync() if (no_sync and not sync) else contextlib.nullcontext(),
+                autocast,
+                frozen,
+            ):
                 yield
         finally:
             for bn in bns:
@@ -516,26 +527,6 @@ class SharpnessAwareStep:
             for b, c in zip(accumulated["bn_backup"], self._bn_buffers)
         ]
         self._failed_pass = accumulated["failed_pass"]
-
-
-def _fsdp_group(model: nn.Module, optimizer: Optimizer) -> Any:
-    """None without FSDP; else the group plain-tensor shards sum their norms over (``()`` when the
-    parameters are DTensors, which know their own mesh)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(numerics.is_dtensor(p) for p in params):
-        return ()
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch without distributed support
-        return None
-    if isinstance(model, FullyShardedDataParallel):
-        if isinstance(optimizer, SAM) and optimizer.shard_group in (None, False):
-            raise ValueError(
-                "FullyShardedDataParallel holds flat parameter shards: build SAM with "
-                "shard_group=True (or the FSDP process group) so its norms cover every shard"
-            )
-        return model.process_group
-    return None
 
 
 def _mean(losses: Tensor) -> Tensor:
