@@ -111,6 +111,16 @@ def test_unknown_baseline(sweep_dir, capsys):
     )
 
 
+def test_yardstick_prints_the_share_of_its_gain_and_an_unknown_one_is_named(sweep_dir, capsys):
+    # sam's gain over sgd is the yardstick itself: share 1 on both seeds
+    assert run_report([str(sweep_dir), "--baseline", "sgd", "--yardstick", "sam"]) == 0
+    out = capsys.readouterr().out
+    assert "Share of 'sam''s gain over the baseline, and cost:" in out
+    assert run_report([str(sweep_dir), "--baseline", "sgd", "--yardstick", "adam"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samkit report: error: --yardstick: unknown yardstick 'adam'")
+
+
 def test_missing_directory_and_sweep_json(tmp_path, capsys):
     assert run_report([str(tmp_path / "nowhere")]) == 2
     assert error_line(capsys) == (

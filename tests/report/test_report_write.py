@@ -18,7 +18,9 @@ from report_sweeps import (
 )
 
 from samkit.report import build_report, cells_table, differences_table, load_sweep, write_report
+from samkit.report.aggregate import YardstickError
 from samkit.report.plots import log_x, plot_learning_curves
+from samkit.report.tables import report_markdown
 from samkit.rundir import layout as keys
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -124,3 +126,52 @@ def test_log_x_when_the_values_span_more_than_ten_times():
     assert log_x([1, 2, 4, 16, 128])
     assert not log_x([0.0, 0.2, 0.4])  # zero: linear
     assert not log_x([1, 10])  # exactly 10x: linear
+
+
+def family_sweep(sweep_dir, report=None):
+    """sgd, sam, cheap (a SAM variant), 3 seeds each; test errors chosen so that the shares of
+    SAM's gain are easy by hand, and one seed where SAM does not beat SGD."""
+    errors = {
+        "sgd": [0.30, 0.30, 0.20],
+        "sam": [0.20, 0.25, 0.25],  # gains 0.10, 0.05, and none on seed 2
+        "cheap": [0.25, 0.27, 0.10],  # shares 0.5, 0.6 (seed 2 left out)
+    }
+    seconds = {"sgd": 10.0, "sam": 20.0, "cheap": 12.0}
+    entries = [
+        entry(cell, s, {"variant": cell}, optimizer=cell) for cell in errors for s in range(3)
+    ]
+    write_sweep(sweep_dir, entries, report)
+    for cell, errs in errors.items():
+        for s, e in enumerate(errs):
+            write_run(sweep_dir / cell / f"seed_{s}", e, train_seconds=seconds[cell] + s)
+    return sweep_dir
+
+
+def test_share_of_the_yardsticks_gain_by_hand(tmp_path):
+    sweep_dir = family_sweep(tmp_path / "s", report={"baseline": "sgd", "yardstick": "sam"})
+    report = build_report(load_sweep(sweep_dir))
+    assert report["yardstick"] == "sam"
+    gains = {g["cell"]: g for g in report["gains"]}
+    assert set(gains) == {"sam", "cheap"}  # every cell with a baseline, the yardstick too
+    cheap = gains["cheap"]
+    assert cheap["left_out_seeds"] == ["2"]
+    share = cheap["share_of_gain"]
+    assert share["mean"] == pytest.approx(0.55) and share["n"] == 2
+    # t_{0.975, 1} = 12.706...: half-width 12.706 * std / sqrt(2), std = 0.1 / sqrt(2)
+    assert share["half_width"] == pytest.approx(12.7062047362 * 0.05, rel=1e-6)
+    assert gains["sam"]["share_of_gain"]["mean"] == pytest.approx(1.0)
+    # time: 12/10, 13/11, 14/12
+    assert cheap["time_ratio"]["mean"] == pytest.approx((1.2 + 13 / 11 + 14 / 12) / 3)
+    text = report_markdown(report)
+    assert "## Share of `sam`'s gain, and cost" in text
+    assert "0.55 ± 0.64 (seeds 2 left out: no gain)" in text
+
+
+def test_no_yardstick_no_gains_and_an_unknown_one_is_named(tmp_path):
+    sweep_dir = family_sweep(tmp_path / "s", report={"baseline": "sgd"})
+    assert build_report(load_sweep(sweep_dir))["gains"] == []
+    with pytest.raises(YardstickError, match="unknown yardstick 'adam'"):
+        build_report(load_sweep(sweep_dir), yardstick="adam")
+    bad = family_sweep(tmp_path / "b", report={"baseline": "sgd", "yardstick": "adam"})
+    with pytest.raises(ValueError, match=r"sweep.json: report.yardstick: unknown yardstick"):
+        build_report(load_sweep(bad))

@@ -18,6 +18,7 @@ from samkit.report import (
     save_report,
     tables_text,
 )
+from samkit.report.aggregate import YardstickError
 from samkit.report.build import REPORT_JSON, REPORT_MARKDOWN
 
 __all__ = ["add_command", "cmd_report"]
@@ -55,6 +56,13 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         f"this one cell (default: {SWEEP_FILE}'s report.baseline; none without it)",
     )
     p.add_argument(
+        "--yardstick",
+        metavar="CELL_OR_VARIANT",
+        default=None,
+        help="with a baseline: each cell's share of this one's gain over the baseline, and its "
+        f"training time over the baseline's (default: {SWEEP_FILE}'s report.yardstick)",
+    )
+    p.add_argument(
         "--confidence",
         metavar="C",
         type=confidence_level,
@@ -79,7 +87,9 @@ def _report(args: argparse.Namespace) -> None:
     sweep_dir = Path(args.sweep_dir)
     try:
         sweep = load_sweep(sweep_dir)
-        report = build_report(sweep, args.baseline, args.confidence)
+        report = build_report(sweep, args.baseline, args.confidence, args.yardstick)
+    except YardstickError as exc:
+        raise CommandError(f"--yardstick: {exc}") from None
     except BaselineError as exc:
         raise CommandError(f"--baseline: {exc}") from None
     except ValueError as exc:  # RunDirError is one: missing or corrupt files, bad sweep.json

@@ -47,10 +47,13 @@ __all__ = [
     "Cell",
     "Comparison",
     "CurvePoint",
+    "GainKept",
+    "YardstickError",
     "Run",
     "Sweep",
     "baseline_map",
     "compare_to_baseline",
+    "gains_kept",
     "learning_curves",
     "load_sweep",
     "numeric_flags",
@@ -380,6 +383,62 @@ def compare_to_baseline(sweep: Sweep, baseline: str, confidence: float = 0.95) -
             common = set(a) & set(b)
             diffs[metric] = paired_difference(a, b, confidence) if common else None
         out.append(Comparison(name, base, diffs))
+    return out
+
+
+class YardstickError(BaselineError):
+    """An unknown yardstick (as :class:`BaselineError` for the baseline)."""
+
+
+@dataclass(frozen=True)
+class GainKept:
+    """A cell's share of the yardstick's gain over the baseline, and its cost, seed by seed:
+    ``(baseline - cell) / (baseline - yardstick)`` of the final test error (seeds where the
+    yardstick did not beat the baseline are left out: no gain to share) and ``cell / baseline``
+    of the training time."""
+
+    cell: str
+    baseline: str
+    yardstick: str
+    share: Estimate | None
+    time_ratio: Estimate | None
+    left_out: list[Any]
+
+
+def gains_kept(
+    sweep: Sweep, baseline: str, yardstick: str, confidence: float = 0.95
+) -> list[GainKept]:
+    """:class:`GainKept` of every cell that has a baseline and a yardstick cell (both by the
+    rule of :func:`baseline_map`; the yardstick cells themselves included, at 1)."""
+    bases = baseline_map(sweep, baseline)
+    try:
+        yards = baseline_map(sweep, yardstick)
+    except BaselineError as exc:
+        raise YardstickError(str(exc).replace("baseline", "yardstick", 1)) from None
+    out = []
+    for cell in sweep.cells:
+        base = bases[cell.name]
+        yard = (
+            cell.name if cell.variant == yardstick or cell.name == yardstick else yards[cell.name]
+        )
+        if base is None or yard is None:
+            continue
+        c, b = cell.values("test_error"), sweep.cell(base).values("test_error")
+        y = sweep.cell(yard).values("test_error")
+        seeds = [s for s in cell.seeds if s in c and s in b and s in y]
+        shares = {s: (b[s] - c[s]) / (b[s] - y[s]) for s in seeds if b[s] > y[s]}
+        ct, bt = cell.values("train_seconds"), sweep.cell(base).values("train_seconds")
+        ratios = [ct[s] / bt[s] for s in seeds if s in ct and s in bt and bt[s] > 0]
+        out.append(
+            GainKept(
+                cell.name,
+                base,
+                yard,
+                mean_ci(shares.values(), confidence) if shares else None,
+                mean_ci(ratios, confidence) if ratios else None,
+                [s for s in seeds if s not in shares],
+            )
+        )
     return out
 
 

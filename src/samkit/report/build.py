@@ -19,6 +19,7 @@ from samkit.report.aggregate import (
     BaselineError,
     Sweep,
     compare_to_baseline,
+    gains_kept,
     learning_curves,
     load_sweep,
     x_flags,
@@ -82,14 +83,20 @@ def _cell_entry(sweep: Sweep, index: int, confidence: float) -> dict[str, Any]:
 
 
 def build_report(
-    sweep: Sweep, baseline: str | None = None, confidence: float = 0.95
+    sweep: Sweep,
+    baseline: str | None = None,
+    confidence: float = 0.95,
+    yardstick: str | None = None,
 ) -> dict[str, Any]:
     """Every number of the report: per cell each metric's seed values and :class:`Estimate`,
-    the learning curves, and the paired differences against ``baseline`` (default: sweep.json's
-    ``report.baseline``; none if neither is given).
+    the learning curves, the paired differences against ``baseline`` (default: sweep.json's
+    ``report.baseline``; none if neither is given) and, with a ``yardstick`` (default:
+    ``report.yardstick``; e.g. SAM), each cell's share of the yardstick's gain over the baseline
+    and its training time relative to the baseline (:func:`gains_kept`).
 
-    :class:`BaselineError` for an unknown ``baseline`` argument; ``ValueError`` naming sweep.json
-    for an unknown ``report.baseline`` or a bad ``report.x``."""
+    :class:`BaselineError` for an unknown ``baseline`` or ``yardstick`` argument; ``ValueError``
+    naming sweep.json for an unknown ``report.baseline`` / ``report.yardstick`` or a bad
+    ``report.x``."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
     source = "argument"
@@ -103,6 +110,17 @@ def build_report(
             if source == "argument":
                 raise
             raise ValueError(f"{sweep.manifest}: report.baseline: {exc}") from None
+    yard_source = "argument"
+    if yardstick is None and sweep.report.get("yardstick") is not None:
+        yardstick, yard_source = str(sweep.report["yardstick"]), "report.yardstick"
+    gains = []
+    if yardstick is not None and baseline is not None:
+        try:
+            gains = gains_kept(sweep, baseline, yardstick, confidence)
+        except BaselineError as exc:
+            if yard_source == "argument":
+                raise
+            raise ValueError(f"{sweep.manifest}: report.yardstick: {exc}") from None
     return {
         "format": REPORT_FORMAT,
         "samkit_version": samkit_version(),
@@ -120,6 +138,18 @@ def build_report(
                 "metrics": {m: _estimate(d) for m, d in c.differences.items()},
             }
             for c in comparisons
+        ],
+        "yardstick": yardstick if baseline is not None else None,
+        "gains": [
+            {
+                "cell": g.cell,
+                "baseline": g.baseline,
+                "yardstick": g.yardstick,
+                "share_of_gain": _estimate(g.share),
+                "time_ratio": _estimate(g.time_ratio),
+                "left_out_seeds": [str(s) for s in g.left_out],
+            }
+            for g in gains
         ],
     }
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from samkit.analysis.compare import render_table
 
-__all__ = ["cells_table", "differences_table", "report_markdown", "tables_text"]
+__all__ = ["cells_table", "differences_table", "gains_table", "report_markdown", "tables_text"]
 
 Format = Literal["markdown", "text"]
 
@@ -82,6 +82,22 @@ def differences_table(report: dict[str, Any], fmt: Format = "markdown") -> str:
     return render_table(header, rows, fmt)
 
 
+def gains_table(report: dict[str, Any], fmt: Format = "markdown") -> str:
+    """One row per cell with a yardstick: its share of the yardstick's gain over the baseline
+    (1 = all of it, 0 = none, negative = worse than the baseline) and its training time in units
+    of the baseline's, each ``mean ± h`` over the seeds."""
+    header = ["cell", "baseline", "yardstick", "share of the gain", "time x baseline"]
+    rows = []
+    for g in report.get("gains", []):
+        share = _pm(g["share_of_gain"], 1.0, ".2f")
+        if g["left_out_seeds"]:
+            share += f" (seeds {', '.join(g['left_out_seeds'])} left out: no gain)"
+        rows.append(
+            [g["cell"], g["baseline"], g["yardstick"], share, _pm(g["time_ratio"], 1.0, ".2f")]
+        )
+    return render_table(header, rows, fmt)
+
+
 def tables_text(report: dict[str, Any], fmt: Format = "markdown") -> str:
     """The cells table and, with a baseline, the differences table (what ``samkit report``
     prints)."""
@@ -91,6 +107,9 @@ def tables_text(report: dict[str, Any], fmt: Format = "markdown") -> str:
     if report["baseline"] is not None:
         text += f"\nPaired differences vs baseline {report['baseline']!r}:\n\n"
         text += differences_table(report, fmt)
+    if report.get("gains"):
+        text += f"\nShare of {report['yardstick']!r}'s gain over the baseline, and cost:\n\n"
+        text += gains_table(report, fmt)
     return text
 
 
@@ -114,6 +133,18 @@ def report_markdown(report: dict[str, Any]) -> str:
             "points; p: two-sided paired t-test.",
             "",
             differences_table(report),
+        ]
+    if report.get("gains"):
+        lines += [
+            f"## Share of `{report['yardstick']}`'s gain, and cost",
+            "",
+            "Per seed, (baseline - cell) / (baseline - yardstick) of the final test error (1: the "
+            "cell keeps all of the yardstick's gain over the baseline, 0: none; seeds where the "
+            "yardstick did not beat the baseline are left out), and the cell's training time over "
+            "the baseline's (runs measured side by side share the machine: a rough cost); mean ± "
+            "half-width of the t-interval over seeds.",
+            "",
+            gains_table(report),
         ]
     missing = [(c["cell"], m) for c in report["cells"] for m in c["missing"]]
     if missing:
