@@ -214,15 +214,12 @@ TRAJECTORY = {
 def test_saf_and_mesa_under_torchrun_equal_one_process(method, data, tmp_path):
     """2 processes x 8 images == one process x 16 (no BatchNorm, plain SGD plus the trajectory
     term): every rank's SAF bank holds every sample's logits (each step gathers them from all
-    ranks), and MESA's teacher is the same on every rank."""
+    ranks; without that the weights differ), and MESA's teacher is the same on every rank."""
     flags = ["--model-name", "nobn_cnn", *TRAJECTORY[method]]
     train(tmp_path / "ddp", data, flags, 2, nobn=True)
     train(tmp_path / "single", data, flags, 1, nobn=True)
-    epochs = TRAJECTORY[method][-2:] if method == "saf" else []
-    plain = ["--model-name", "nobn_cnn", "--optimizer", "sgd", *epochs]  # no trajectory term
-    train(tmp_path / "plain", data, plain, 1, nobn=True)
     assert max_param_diff(tmp_path / "ddp", tmp_path / "single") < 1e-6
-    assert max_param_diff(tmp_path / "single", tmp_path / "plain") > 1e-5  # the term mattered
+    # (that the term changes the weights: tests/train/test_trajectory_train.py, one process)
     if method == "saf":
         _, state = load_latest_checkpoint(tmp_path / "ddp" / "checkpoints")
         written = state["trajectory"]["written"]
