@@ -387,3 +387,63 @@ def test_gradients_beyond_float32s_norm_range_are_taken_on_the_buffer_too():
     assert opt.skipped_steps == 0
     assert math.isfinite(opt.last_grad_norm.item()) and opt.last_grad_norm.item() > 1e20
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_base_optimizers_zero_grad_zeroes_the_buffers():
+    """The base optimizer's zero_grad would set the proxies' gradients to None while the model's
+    stay bound (and a backward would add to them): with flat=True it zeroes the buffers."""
+    data = batches(3)
+    runs = []
+    for flat in (False, True):
+        model = mlp()
+        opt = SAM(model.parameters(), SGD, lr=0.1, momentum=0.9, flat=flat)
+        for x, y in data:
+            opt.base_optimizer.zero_grad()  # set_to_none=True, on the proxies with flat
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step()
+            opt.base_optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        runs.append((model, opt))
+    assert_same(*runs[0], *runs[1])
+
+
+def test_a_dropped_flat_optimizer_leaves_later_training_alone():
+    import gc
+
+    model = mlp()
+    opt = SAM(model.parameters(), SGD, lr=0.1, flat=True)
+    train(model, opt, batches(1))
+    del opt
+    gc.collect()
+    for p in list(model.parameters())[:-2]:
+        p.requires_grad_(False)  # a linear probe on the last layer, with plain SGD
+    probe = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()  # no "frozen" error from the old buffers' hooks
+    probe.step()
+
+
+def test_param_groups_as_torch_takes_them():
+    model = mlp()
+    with pytest.raises(TypeError, match="ordered collections"):
+        SAM([{"params": set(model.parameters())}], SGD, lr=0.1, flat=True)
+    weight = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = SAM([{"params": weight}], SGD, lr=0.1, flat=True)  # a single tensor
+    assert opt.trained_parameters() == [weight] or opt.trained_parameters()[0] is weight
+
+
+def test_a_proxy_gradient_set_to_none_elsewhere_is_refused():
+    model = mlp()
+    opt = SAM(model.parameters(), SGD, lr=0.1, flat=True)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    for group in opt.param_groups:  # what code walking the param groups might do
+        for p in group["params"]:
+            p.grad = None
+    F.cross_entropy(model(x), y).backward()  # adds to the model's (still bound) gradients
+    with pytest.raises(RuntimeError, match="replaced or set to None"):
+        opt.first_step()
+    opt.zero_grad()  # zeroing is always fine: the buffers are bound again
+    F.cross_entropy(model(x), y).backward()
+    assert opt.first_step()

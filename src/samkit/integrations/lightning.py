@@ -211,7 +211,7 @@ class SAMCallback(Callback):
             raise MisconfigurationException(
                 CLIPPING_COMBINED.format(val=val, name=type(opt).__name__)
             )
-        self._params = [p for g in opt.param_groups for p in g["params"]]
+        self._params = opt.trained_parameters()  # the model's (behind flat=True's buffers, too)
         # Lightning would clip after both passes: take its settings over for this fit
         self._taken_clip = (val, trainer.gradient_clip_algorithm)
         by_value = trainer.gradient_clip_algorithm == GradClipAlgorithmType.VALUE  # else by norm

@@ -125,6 +125,8 @@ class SharpnessAwareOptimizer(Optimizer):
                 for group in self.param_groups:
                     self._flat.flatten_group(group)
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+            if self._flat is not None:  # its own would set the proxies' gradients to None
+                self.base_optimizer.zero_grad = self._flat.zero_grad  # type: ignore[method-assign]
         else:
             raise TypeError(
                 "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "

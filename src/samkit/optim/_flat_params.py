@@ -88,15 +88,19 @@ class _Buffer:
 
     def bind(self, grads: Tensor) -> None:
         """Make ``grads`` the proxy's gradient and each member's gradient a view of its slot."""
+        self.grads = grads
         self.proxy.grad = grads
         self.grad_slots = self.slots(grads)
         for p, slot in zip(self.members, self.grad_slots):
             p.grad = slot
 
     def bound(self) -> bool:
-        """Every member's gradient is still its slot (the same tensor: autograd and DDP
-        accumulate and copy in place; any other gradient is another object)."""
-        return all(map(operator.is_, map(_grad, self.members), self.grad_slots))
+        """Every member's gradient is still its slot, and the proxy's the buffer (the same
+        tensors: autograd and DDP accumulate and copy in place; any other gradient is another
+        object, and code that walks the param groups may have set the proxy's to None)."""
+        return self.proxy.grad is self.grads and all(
+            map(operator.is_, map(_grad, self.members), self.grad_slots)
+        )
 
     def check(self) -> None:
         """RuntimeError if a member left its weight slot or stopped requiring gradients."""
@@ -119,6 +123,14 @@ class _Buffer:
         self.check()
         if self.bound():
             return
+        if self.proxy.grad is not self.grads:
+            # set to None by code walking the param groups: whether a backward has added to
+            # the model's gradients since cannot be known, so refuse rather than guess
+            raise RuntimeError(
+                "flat=True: the gradient of an optimizer's flat buffer was replaced or set to "
+                "None (by code walking optimizer.param_groups); zero the gradients with "
+                "optimizer.zero_grad(), which keeps the model's gradients bound to the buffer"
+            )
         grads = [p.grad for p in self.members]
         if any(g is not None and g.is_sparse for g in grads):
             raise ValueError("flat=True needs dense gradients (e.g. nn.Embedding(sparse=False))")
@@ -174,7 +186,10 @@ class FlatParams:
 
     def flatten_group(self, group: dict[str, Any]) -> None:
         """Replace ``group["params"]`` by one proxy per (device, dtype) of its parameters."""
-        members = list(group["params"])
+        params = group["params"]
+        if isinstance(params, set):  # as torch.optim: an order that differs between runs
+            raise TypeError("optimizer parameters need to be organized in ordered collections")
+        members = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(members):
             if not isinstance(p, nn.Parameter) or not p.is_leaf or not p.requires_grad:
                 raise ValueError(
@@ -193,7 +208,7 @@ class FlatParams:
         for kind_members in by_kind.values():
             buffer = _Buffer(kind_members)
             for i, p in enumerate(kind_members):
-                _replace_hook(p, lambda _, b=buffer, i=i: b.after_accumulate(i))
+                _replace_hook(p, _hook(buffer, i))
             self.buffers[buffer.proxy] = buffer
             proxies.append(buffer.proxy)
         group["params"] = proxies
@@ -316,6 +331,19 @@ def check_flat(base_optimizer: Any, shard_group: Any) -> None:
         )
     if shard_group not in (None, False):
         raise ValueError("flat=True is not for sharded parameters (shard_group, FSDP)")
+
+
+def _hook(buffer: _Buffer, index: int) -> Any:
+    """The gradient hook of member ``index``, through a weak reference: once the optimizer (and
+    so its buffers) is gone, the parameter's later backward passes are left alone."""
+    ref = weakref.ref(buffer)
+
+    def hook(_: Tensor) -> None:
+        live = ref()
+        if live is not None:
+            live.after_accumulate(index)
+
+    return hook
 
 
 def _replace_hook(param: Tensor, hook: Any) -> None:
