@@ -129,29 +129,28 @@ def sam_micro_batch(
 
 
 class _BatchNormBackup:
-    """The running statistics of ``model``'s BatchNorm layers before a step, put back by a step
-    post-hook on the optimizer if that step was skipped (``skipped_steps`` grew)."""
+    """The running statistics of the model's BatchNorm layers before a step, put back by a step
+    post-hook on the optimizer (one per optimizer) if that step was skipped (``skipped_steps``
+    grew). The buffers are looked up at every step: a model moved or reloaded since has others."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.buffers = [
-            b
-            for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-            if b is not None
-        ]
+    def __init__(self) -> None:
+        self.buffers: list[Tensor] = []
         self.saved: list[Tensor] = []
         self.skipped_before = 0
 
     @classmethod
     def before_step(cls, optimizer: SAM, model: nn.Module) -> None:
         backup = getattr(optimizer, "_samkit_bn_backup", None)
-        if backup is None or backup.model_id != id(model):
-            backup = cls(model)
-            backup.model_id = id(model)
-            optimizer._samkit_bn_backup = backup
-            if backup.buffers:
-                optimizer.register_step_post_hook(lambda opt, args, kwargs: backup.after_step(opt))
+        if backup is None:
+            backup = optimizer._samkit_bn_backup = cls()
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: backup.after_step(opt))
+        backup.buffers = [
+            b
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
         with torch.no_grad():
             backup.saved = [b.clone() for b in backup.buffers]
         backup.skipped_before = optimizer.skipped_steps
