@@ -265,7 +265,7 @@ class AESAM(SAM):
     """AE-SAM: SAM on the steps whose ``||g||^2`` is high for its moving statistics, the base
     optimizer alone on the others (:class:`GradientNormPolicy`). With the defaults (``delta``
     0.9, ``lambda1`` -1, ``lambda2`` 1: our reading of the paper's settings, not checked against
-    its text) c_t rises from -1 to 1, so SAM runs on most steps early and on few late.
+    its text) c_t falls from 1 to -1, so SAM runs on few steps early and on most late.
     ``total_steps`` is needed when ``lambda1 != lambda2``."""
 
     one_first_pass_per_step = True  # a step decides from its one first pass

@@ -398,7 +398,8 @@ def finish(run: Run, state: RunState, status: str) -> dict[str, Any]:
             sync_bn=cfg.sync_bn,
         )
     # the committed evidence at these settings, if there is some (the main job's defaults)
-    comparison = reference.compare(cfg.to_dict(), final[keys.TEST_ERROR_RATE])
+    world = run.dist.world_size if run.dist is not None else 1
+    comparison = reference.compare(cfg.to_dict(), final[keys.TEST_ERROR_RATE], world_size=world)
     if comparison is not None:
         summary["reference"] = comparison
     if run.is_main:

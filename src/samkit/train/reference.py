@@ -68,12 +68,17 @@ def same_settings(mine: dict[str, Any], reference: dict[str, Any]) -> bool:
 
 
 def compare(
-    config: dict[str, Any], test_error: float, reference: dict[str, Any] | None = None
+    config: dict[str, Any],
+    test_error: float,
+    reference: dict[str, Any] | None = None,
+    *,
+    world_size: int = 1,
 ) -> dict[str, Any] | None:
-    """This run beside the reference, if its settings are one of the reference's methods';
+    """This run beside the reference, if its settings are one of the reference's methods' and
+    it ran in as many processes (one: under torchrun each replica perturbs with its own batch);
     else None. ``reference``: the packaged one by default."""
     reference = load_reference() if reference is None else reference
-    if reference is None:
+    if reference is None or world_size != reference.get("world_size", 1):
         return None
     mine = settings_of(config)
     method = next((m for m, s in reference["settings"].items() if same_settings(mine, s)), None)
