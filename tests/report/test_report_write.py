@@ -128,14 +128,13 @@ def test_log_x_when_the_values_span_more_than_ten_times():
     assert not log_x([1, 10])  # exactly 10x: linear
 
 
-def family_sweep(sweep_dir, report=None):
-    """sgd, sam, cheap (a SAM variant), 3 seeds each; test errors chosen so that the shares of
-    SAM's gain are easy by hand, and one seed where SAM does not beat SGD."""
-    errors = {
-        "sgd": [0.30, 0.30, 0.20],
-        "sam": [0.20, 0.25, 0.25],  # gains 0.10, 0.05, and none on seed 2
-        "cheap": [0.25, 0.27, 0.10],  # shares 0.5, 0.6 (seed 2 left out)
-    }
+def family_sweep(sweep_dir, report=None, noisy_sam=False):
+    """sgd, sam, cheap (a SAM variant), 3 seeds each. SAM gains 0.10, 0.06, 0.08 over SGD and
+    cheap 0.05, 0.03, 0.05: a share of 13/24. ``noisy_sam``: SAM's gains 0.10, 0.05, -0.10 (not
+    significant: Fieller's interval is unbounded)."""
+    sam = [0.20, 0.20, 0.25] if noisy_sam else [0.20, 0.19, 0.12]
+    errors = {"sgd": [0.30, 0.25, 0.15] if noisy_sam else [0.30, 0.25, 0.20], "sam": sam}
+    errors["cheap"] = [0.25, 0.22, 0.15]
     seconds = {"sgd": 10.0, "sam": 20.0, "cheap": 12.0}
     entries = [
         entry(cell, s, {"variant": cell}, optimizer=cell) for cell in errors for s in range(3)
@@ -147,24 +146,54 @@ def family_sweep(sweep_dir, report=None):
     return sweep_dir
 
 
+def fieller_by_scan(num, den, confidence=0.95):
+    """The set {theta: (mean(num) - theta mean(den))^2 <= t^2/n var(num - theta den)} on a fine
+    grid: its smallest and largest members (None if it reaches the grid's ends)."""
+    from scipy import stats
+
+    n = len(num)
+    t2 = stats.t.ppf((1 + confidence) / 2, n - 1) ** 2
+    inside = []
+    for k in range(-40000, 40001):
+        theta = k / 10000
+        d = [a - theta * b for a, b in zip(num, den)]
+        m = sum(d) / n
+        var = sum((x - m) ** 2 for x in d) / (n - 1)
+        if m * m <= t2 / n * var:
+            inside.append(theta)
+    if not inside or inside[0] == -4 or inside[-1] == 4:
+        return None
+    return inside[0], inside[-1]
+
+
 def test_share_of_the_yardsticks_gain_by_hand(tmp_path):
     sweep_dir = family_sweep(tmp_path / "s", report={"baseline": "sgd", "yardstick": "sam"})
     report = build_report(load_sweep(sweep_dir))
     assert report["yardstick"] == "sam"
     gains = {g["cell"]: g for g in report["gains"]}
     assert set(gains) == {"sam", "cheap"}  # every cell with a baseline, the yardstick too
-    cheap = gains["cheap"]
-    assert cheap["left_out_seeds"] == ["2"]
-    share = cheap["share_of_gain"]
-    assert share["mean"] == pytest.approx(0.55) and share["n"] == 2
-    # t_{0.975, 1} = 12.706...: half-width 12.706 * std / sqrt(2), std = 0.1 / sqrt(2)
-    assert share["half_width"] == pytest.approx(12.7062047362 * 0.05, rel=1e-6)
+    share = gains["cheap"]["share_of_gain"]
+    assert share["mean"] == pytest.approx(0.13 / 0.24) and share["n"] == 3
+    low, high = fieller_by_scan([0.05, 0.03, 0.05], [0.10, 0.06, 0.08])
+    assert share["ci_low"] == pytest.approx(low, abs=2e-4)
+    assert share["ci_high"] == pytest.approx(high, abs=2e-4)
     assert gains["sam"]["share_of_gain"]["mean"] == pytest.approx(1.0)
     # time: 12/10, 13/11, 14/12
-    assert cheap["time_ratio"]["mean"] == pytest.approx((1.2 + 13 / 11 + 14 / 12) / 3)
+    assert gains["cheap"]["time_ratio"]["mean"] == pytest.approx((1.2 + 13 / 11 + 14 / 12) / 3)
     text = report_markdown(report)
     assert "## Share of `sam`'s gain, and cost" in text
-    assert "0.55 ± 0.64 (seeds 2 left out: no gain)" in text
+    assert f"| 0.54 | [{low:.2f}, {high:.2f}] |" in text
+
+
+def test_a_yardstick_without_a_significant_gain_gives_an_unbounded_interval(tmp_path):
+    sweep_dir = family_sweep(
+        tmp_path / "s", report={"baseline": "sgd", "yardstick": "sam"}, noisy_sam=True
+    )
+    report = build_report(load_sweep(sweep_dir))
+    share = {g["cell"]: g for g in report["gains"]}["cheap"]["share_of_gain"]
+    assert share["ci_low"] is None and share["ci_high"] is None
+    assert fieller_by_scan([0.05, 0.03, 0.0], [0.10, 0.05, -0.10]) is None
+    assert "| unbounded |" in report_markdown(report)
 
 
 def test_no_yardstick_no_gains_and_an_unknown_one_is_named(tmp_path):

@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samkit.report.stats import Estimate, PairedDifference, mean_ci, paired_difference
+from samkit.report.stats import (
+    Estimate,
+    PairedDifference,
+    mean_ci,
+    paired_difference,
+    ratio_of_means,
+)
 from samkit.rundir import ANALYSIS_DIR, RunDirError, read_metrics, read_summary
 from samkit.rundir import layout as keys
 
@@ -392,17 +398,16 @@ class YardstickError(BaselineError):
 
 @dataclass(frozen=True)
 class GainKept:
-    """A cell's share of the yardstick's gain over the baseline, and its cost, seed by seed:
-    ``(baseline - cell) / (baseline - yardstick)`` of the final test error (seeds where the
-    yardstick did not beat the baseline are left out: no gain to share) and ``cell / baseline``
-    of the training time."""
+    """A cell's share of the yardstick's gain over the baseline, and its cost:
+    ``sum(baseline - cell) / sum(baseline - yardstick)`` of the final test error over the seeds
+    completed in all three (Fieller's interval: :func:`ratio_of_means`; unbounded when the
+    yardstick's own gain is not significant), and ``cell / baseline`` of the training time."""
 
     cell: str
     baseline: str
     yardstick: str
     share: Estimate | None
     time_ratio: Estimate | None
-    left_out: list[Any]
 
 
 def gains_kept(
@@ -426,19 +431,15 @@ def gains_kept(
         c, b = cell.values("test_error"), sweep.cell(base).values("test_error")
         y = sweep.cell(yard).values("test_error")
         seeds = [s for s in cell.seeds if s in c and s in b and s in y]
-        shares = {s: (b[s] - c[s]) / (b[s] - y[s]) for s in seeds if b[s] > y[s]}
+        share = (
+            ratio_of_means([b[s] - c[s] for s in seeds], [b[s] - y[s] for s in seeds], confidence)
+            if seeds
+            else None
+        )
         ct, bt = cell.values("train_seconds"), sweep.cell(base).values("train_seconds")
         ratios = [ct[s] / bt[s] for s in seeds if s in ct and s in bt and bt[s] > 0]
-        out.append(
-            GainKept(
-                cell.name,
-                base,
-                yard,
-                mean_ci(shares.values(), confidence) if shares else None,
-                mean_ci(ratios, confidence) if ratios else None,
-                [s for s in seeds if s not in shares],
-            )
-        )
+        time_ratio = mean_ci(ratios, confidence) if ratios else None
+        out.append(GainKept(cell.name, base, yard, share, time_ratio))
     return out
 
 

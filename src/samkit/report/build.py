@@ -147,7 +147,6 @@ def build_report(
                 "yardstick": g.yardstick,
                 "share_of_gain": _estimate(g.share),
                 "time_ratio": _estimate(g.time_ratio),
-                "left_out_seeds": [str(s) for s in g.left_out],
             }
             for g in gains
         ],

@@ -26,7 +26,7 @@ from typing import Any
 
 from scipy import stats as scipy_stats
 
-__all__ = ["Estimate", "PairedDifference", "mean_ci", "paired_difference"]
+__all__ = ["Estimate", "PairedDifference", "mean_ci", "paired_difference", "ratio_of_means"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,33 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Estimate:
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = float(scipy_stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * std / math.sqrt(n)
     return Estimate(mean, std, n, mean - half, mean + half, half, confidence)
+
+
+def ratio_of_means(num: list[float], den: list[float], confidence: float = 0.95) -> Estimate | None:
+    """``mean(num) / mean(den)`` for paired values (one pair per seed) with Fieller's interval:
+    the ``theta`` with ``(m_n - theta m_d)^2 <= t^2 / n * var(num - theta den)``, ``t`` the
+    Student-t quantile with n - 1 degrees of freedom (sample variances and covariance, ddof 1).
+    The interval is None (unbounded) when ``mean(den)`` is not significantly away from 0 at
+    that level, and for one pair; the estimate is None when ``mean(den)`` is 0."""
+    _check_confidence(confidence)
+    n = len(num)
+    if n == 0 or n != len(den):
+        raise ValueError(f"ratio_of_means: {n} and {len(den)} values")
+    m_n, m_d = math.fsum(num) / n, math.fsum(den) / n
+    if m_d == 0.0:
+        return None
+    ratio = m_n / m_d
+    if n == 1:
+        return Estimate(ratio, None, 1, None, None, None, confidence)
+    s_nn = math.fsum((a - m_n) ** 2 for a in num) / (n - 1)
+    s_dd = math.fsum((b - m_d) ** 2 for b in den) / (n - 1)
+    s_nd = math.fsum((a - m_n) * (b - m_d) for a, b in zip(num, den)) / (n - 1)
+    q = float(scipy_stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) ** 2 / n
+    a, b, c = m_d**2 - q * s_dd, -2.0 * (m_n * m_d - q * s_nd), m_n**2 - q * s_nn
+    if a <= 0.0:  # the denominator's own interval contains 0: no bounded interval
+        return Estimate(ratio, None, n, None, None, None, confidence)
+    root = math.sqrt(max(b * b - 4.0 * a * c, 0.0))  # >= 0: theta = ratio is in the set
+    return Estimate(ratio, None, n, (-b - root) / (2 * a), (-b + root) / (2 * a), None, confidence)
 
 
 def _p_value(estimate: Estimate) -> float | None:

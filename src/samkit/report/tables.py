@@ -86,14 +86,16 @@ def gains_table(report: dict[str, Any], fmt: Format = "markdown") -> str:
     """One row per cell with a yardstick: its share of the yardstick's gain over the baseline
     (1 = all of it, 0 = none, negative = worse than the baseline) and its training time in units
     of the baseline's, each ``mean ± h`` over the seeds."""
-    header = ["cell", "baseline", "yardstick", "share of the gain", "time x baseline"]
+    header = ["cell", "baseline", "yardstick", "share of the gain", "CI", "time x baseline"]
     rows = []
     for g in report.get("gains", []):
-        share = _pm(g["share_of_gain"], 1.0, ".2f")
-        if g["left_out_seeds"]:
-            share += f" (seeds {', '.join(g['left_out_seeds'])} left out: no gain)"
+        s = g["share_of_gain"]
+        share = "-" if s is None else format(s["mean"], ".2f")
+        ci = "unbounded" if s is not None and s["n"] > 1 and s["ci_low"] is None else "-"
+        if s is not None and s["ci_low"] is not None:
+            ci = f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
         rows.append(
-            [g["cell"], g["baseline"], g["yardstick"], share, _pm(g["time_ratio"], 1.0, ".2f")]
+            [g["cell"], g["baseline"], g["yardstick"], share, ci, _pm(g["time_ratio"], 1.0, ".2f")]
         )
     return render_table(header, rows, fmt)
 
@@ -138,11 +140,11 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## Share of `{report['yardstick']}`'s gain, and cost",
             "",
-            "Per seed, (baseline - cell) / (baseline - yardstick) of the final test error (1: the "
-            "cell keeps all of the yardstick's gain over the baseline, 0: none; seeds where the "
-            "yardstick did not beat the baseline are left out), and the cell's training time over "
-            "the baseline's (runs measured side by side share the machine: a rough cost); mean ± "
-            "half-width of the t-interval over seeds.",
+            "sum(baseline - cell) / sum(baseline - yardstick) of the final test error over the "
+            "seeds (1: the cell keeps all of the yardstick's gain over the baseline, 0: none), "
+            "with Fieller's interval (unbounded when the yardstick's own gain is not "
+            "significant); and the cell's training time over the baseline's, mean ± half-width "
+            "of the t-interval (runs measured side by side share the machine: a rough cost).",
             "",
             gains_table(report),
         ]
