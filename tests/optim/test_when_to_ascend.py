@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -399,3 +400,20 @@ def test_schedules_over_training_need_total_steps():
         assert opt.ascent_policy.steps == 2
     with pytest.raises(ValueError, match="alpha must be"):
         LookSAM(model.parameters(), torch.optim.SGD, alpha=-1.0, lr=LR)
+
+
+def test_an_aesam_state_from_before_the_schedule_change_warns_on_load():
+    policy = GradientNormPolicy(lambda1=-1.0, lambda2=1.0, total_steps=10)
+    state = policy.state_dict()
+    assert state["c_direction"] == "lambda2 to lambda1"
+    fresh = GradientNormPolicy(lambda1=-1.0, lambda2=1.0, total_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(state)  # the same direction: silent
+    old = {k: v for k, v in state.items() if k != "c_direction"}
+    with pytest.warns(RuntimeWarning, match="switches direction at step 0"):
+        fresh.load_state_dict(old)
+    constant = GradientNormPolicy(lambda1=0.5, lambda2=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        constant.load_state_dict(old)  # no schedule, nothing changed

@@ -38,6 +38,7 @@ Policies (each any SAM-family optimizer can take: ``opt.ascent_policy = RandomPo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -253,12 +254,29 @@ class GradientNormPolicy(AscentPolicy):
             self.mean, self.var = self._pending
         self._pending = None
 
+    #: Recorded in the state dict: before 2026-12-02 samkit ran c_t from lambda1 to lambda2.
+    C_DIRECTION = "lambda2 to lambda1"
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "mean": self.mean, "var": self.var}
+        return {
+            **super().state_dict(),
+            "mean": self.mean,
+            "var": self.var,
+            "c_direction": self.C_DIRECTION,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.mean, self.var = float(state["mean"]), float(state["var"])
+        if self.lambda1 != self.lambda2 and state.get("c_direction") != self.C_DIRECTION:
+            warnings.warn(
+                "AE-SAM: this state was saved by a samkit that ran c_t from lambda1 to lambda2; "
+                "it now runs from lambda2 to lambda1 (the paper's schedule), so the resumed run "
+                f"switches direction at step {self.steps} (swap lambda1 and lambda2 to keep the "
+                "old one)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 class AESAM(SAM):
