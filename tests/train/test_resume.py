@@ -8,6 +8,7 @@ The signals arrive at known steps, sent by the run itself from a test hook (``--
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -222,3 +223,29 @@ def test_sigterm_during_the_final_evaluation_saves_and_exits_143(data, tmp_path)
     code, out, err = finish(start(data, run_dir, "--max-steps", "3"))
     assert code == 0, err
     assert "resuming from" in out and (run_dir / "summary.json").exists()
+
+
+def test_wall_seconds_add_up_over_resumes(data, tmp_path):
+    # A resumed run's wall time is its earlier processes' (up to the checkpoint it resumed from)
+    # plus its own; it used to restart from 0, which made a report's wall time of a resumed
+    # sweep cell a fraction of the run's.
+    from samkit.cli import main
+    from samkit.rundir import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    argv = ["train", *FAST, "--data-dir", str(data.dirs["fashion_mnist"]), "--batch-size", "8"]
+    argv += ["--model-name", "resnet_tiny", "--num-epochs", "2", "--no-tensorboard"]
+    argv += ["--run-dir", str(run_dir)]
+    assert main([*argv, "--max-steps", str(STEPS_PER_EPOCH + 3)]) == 0
+    path = list_checkpoints(run_dir / "checkpoints")[0]
+    state = torch.load(path, weights_only=True)
+    assert 0.0 < state["wall_seconds"] < 600.0  # the first process's, at the checkpoint
+    state["wall_seconds"] = 1000.0  # as if the first process had run for 1,000 s
+    path.unlink()
+    state.pop("format")
+    save_checkpoint(state, run_dir / "checkpoints", state["global_step"])
+    assert main(argv) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 1000.0 < summary["wall_seconds"] < 1600.0
+    last = read_metrics(run_dir)[-1]
+    assert last["epoch"] == 2 and 1000.0 < last["wall_seconds"] <= summary["wall_seconds"]

@@ -60,6 +60,7 @@ from samkit.train.run import (
     save,
     set_aside_unusable,
     step_done,
+    wall_seconds,
 )
 from samkit.train.signals import StopSignals
 from samkit.train.state import RunState
@@ -329,7 +330,7 @@ def epoch_record(run: Run, state: RunState, *, partial: bool = False) -> dict[st
 
 def publish(run: Run, state: RunState, record: dict[str, Any]) -> None:
     """Append ``record`` to metrics.jsonl and TensorBoard, and print its progress line."""
-    record[keys.WALL_SECONDS] = time.perf_counter() - run.wall_start
+    record[keys.WALL_SECONDS] = wall_seconds(run, state)
     if run.is_main:
         append_jsonl(run.run_dir / METRICS_FILE, record)
     run.scalars.add_record(record, state.global_step)
@@ -388,7 +389,7 @@ def finish(run: Run, state: RunState, status: str) -> dict[str, Any]:
         optimizer=build.describe_optimizer(cfg),
         skipped_steps=run.step_fn.skipped_steps,
         use_test_set=cfg.use_test_set,
-        wall_seconds=time.perf_counter() - run.wall_start,
+        wall_seconds=wall_seconds(run, state),
         device=run.device,
     )
     if run.dist is not None:

@@ -95,7 +95,14 @@ def checkpoint_state(run: Run, state: RunState) -> dict[str, Any]:
         "world_size": 1 if run.dist is None else run.dist.world_size,
         "config": run.cfg.to_dict(),
         "last_good": run.last_good.name if run.last_good is not None else None,
+        "wall_seconds": wall_seconds(run, state),
     }
+
+
+def wall_seconds(run: Run, state: RunState) -> float:
+    """The run's wall time so far: this process's, plus its earlier processes' up to the
+    checkpoint it resumed from (work lost after that checkpoint does not count)."""
+    return state.wall_seconds_before + time.perf_counter() - run.wall_start
 
 
 def save(run: Run, state: RunState) -> Path | None:
