@@ -204,7 +204,10 @@ BUILTIN_OPTIMIZERS: tuple[OptimInfo, ...] = (
                 name="sds_criterion",
                 flag="esam_criterion",
                 default="sharpness",
-                help="ESAM: rank samples by loss increase at w+e (sharpness) or by loss",
+                help=(
+                    "ESAM: rank samples by loss increase at w+e (sharpness) or by clean loss "
+                    "(cheaper; not with noisy labels: it then selects the mislabelled samples)"
+                ),
                 choices=SDS_CRITERIA,
                 kind=str,
             ),
