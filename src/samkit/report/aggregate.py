@@ -116,6 +116,7 @@ class Run:
     status: str  # "completed", another summary status, "no summary.json", "no run directory"
     values: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict[int | float, float]] = field(default_factory=dict)
+    eval_split: str = "test"  # where the "test" metrics came from: "holdout" with use_test_set off
 
     @property
     def completed(self) -> bool:
@@ -287,7 +288,8 @@ def read_run(run_dir: Path, seed: int) -> Run:
     values["train_loss"] = _number(records[-1].get(keys.TRAIN_LOSS))
     values.update(_read_hessian(run_dir))
     kept = {m: v for m, v in values.items() if v is not None}
-    return Run(seed, run_dir, COMPLETED, kept, _epoch_curves(records))
+    split = str(summary.get("eval_split", "test"))
+    return Run(seed, run_dir, COMPLETED, kept, _epoch_curves(records), split)
 
 
 def load_sweep(sweep_dir: str | os.PathLike) -> Sweep:

@@ -126,6 +126,8 @@ def build_report(
         "samkit_version": samkit_version(),
         "sweep": {"name": sweep.name, "dir": str(sweep.path), "manifest": str(sweep.manifest)},
         "confidence": confidence,
+        # where the test_* metrics were measured: "holdout" for runs with use_test_set = false
+        "eval_splits": sorted({r.eval_split for c in sweep.cells for r in c.completed}),
         "baseline": baseline,
         "baseline_source": source if baseline is not None else None,
         "x": x_flags(sweep),

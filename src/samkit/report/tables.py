@@ -127,6 +127,14 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         cells_table(report),
     ]
+    if "holdout" in report.get("eval_splits", []):
+        lines[4:4] = [
+            "**Evaluated on the holdout** (`use_test_set = false`): every test error below is "
+            "a holdout error"
+            + ("" if report["eval_splits"] == ["holdout"] else " for those runs")
+            + ".",
+            "",
+        ]
     if report["baseline"] is not None:
         lines += [
             f"## Paired differences vs baseline `{report['baseline']}`",
