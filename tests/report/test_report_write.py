@@ -209,15 +209,10 @@ def test_no_yardstick_no_gains_and_an_unknown_one_is_named(tmp_path):
 def test_runs_evaluated_on_the_holdout_are_said_so(sweep_dir):
     report = build_report(load_sweep(sweep_dir))
     assert report["eval_splits"] == ["test"] and "holdout" not in report_markdown(report)
-    for run in sweep_dir.glob("*/seed_*"):  # every run evaluated on the holdout
-        summary = (
-            json.loads((run / keys.SUMMARY_FILE).read_text())
-            if (run / keys.SUMMARY_FILE).exists()
-            else None
-        )
-        if summary is not None:
-            summary["eval_split"] = "holdout"
-            (run / keys.SUMMARY_FILE).write_text(json.dumps(summary))
+    summaries = list(sweep_dir.glob(f"*/seed_*/{keys.SUMMARY_FILE}"))
+    assert summaries
+    for path in summaries:  # every run evaluated on the holdout
+        path.write_text(json.dumps({**json.loads(path.read_text()), "eval_split": "holdout"}))
     report = build_report(load_sweep(sweep_dir))
     assert report["eval_splits"] == ["holdout"]
     assert "every test error below is a holdout error." in report_markdown(report)
