@@ -147,3 +147,20 @@ def test_names_that_would_lead_outside_the_sweep_directory_are_refused(tmp_path,
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert problem in str(info.value) and str(path) in str(info.value)
+
+
+def test_seed_in_a_text_setting_is_each_cells_seed(tmp_path):
+    for seed in (0, 1):  # first-stage runs to relabel from (checked when they are used)
+        (tmp_path / "first" / f"seed_{seed}").mkdir(parents=True)
+        (tmp_path / "first" / f"seed_{seed}" / "config.json").write_text("{}")
+    path = tmp_path / "second.toml"
+    path.write_text(
+        f'seeds = [0, 1]\n[base]\nbootstrap_from = "{tmp_path}/first/seed_{{seed}}"\n'
+        'dataset = "fashion_mnist"\n'
+    )
+    cells = load_spec(path).cells()
+    assert [c.flags["bootstrap_from"] for c in cells] == [
+        f"{tmp_path}/first/seed_0",
+        f"{tmp_path}/first/seed_1",
+    ]
+    assert cells[0].flags["dataset"] == "fashion_mnist"  # other text is left alone

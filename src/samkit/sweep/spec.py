@@ -107,7 +107,9 @@ class SweepSpec:
                 name = "-".join(parts)
                 flags = {**self.base, **own, **point}
                 varying = {"variant": vname, **point}
-                out.extend(Cell(name, vname, seed, flags, varying) for seed in self.seeds)
+                out.extend(
+                    Cell(name, vname, seed, _for_seed(flags, seed), varying) for seed in self.seeds
+                )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +121,14 @@ class SweepSpec:
             "grid": self.grid,
             "report": self.report,
         }
+
+
+def _for_seed(flags: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``{seed}`` in a text setting is the cell's seed: a run directory per seed, e.g.
+    ``bootstrap_from = "sweeps/noise/sam/seed_{seed}"``."""
+    return {
+        k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in flags.items()
+    }
 
 
 def _text(value: Any) -> str:
