@@ -150,7 +150,7 @@ def test_names_that_would_lead_outside_the_sweep_directory_are_refused(tmp_path,
 
 
 def test_seed_in_a_text_setting_is_each_cells_seed(tmp_path):
-    for seed in (0, 1):  # first-stage runs to relabel from (checked when they are used)
+    for seed in (0, 1):  # first-stage runs to relabel from (checked up front, every seed's)
         (tmp_path / "first" / f"seed_{seed}").mkdir(parents=True)
         (tmp_path / "first" / f"seed_{seed}" / "config.json").write_text("{}")
     path = tmp_path / "second.toml"
@@ -164,3 +164,6 @@ def test_seed_in_a_text_setting_is_each_cells_seed(tmp_path):
         f"{tmp_path}/first/seed_1",
     ]
     assert cells[0].flags["dataset"] == "fashion_mnist"  # other text is left alone
+    (tmp_path / "first" / "seed_1" / "config.json").unlink()  # seed 1's is not a run
+    with pytest.raises(SpecError, match=r"first/seed_1: not a samkit run directory"):
+        load_spec(path)

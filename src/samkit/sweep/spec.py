@@ -284,7 +284,7 @@ def check_spec(spec: SweepSpec) -> None:
             _check_settings(f"{src}: [grid]", {key: value})
     if not isinstance(spec.report, dict):
         raise SpecError(f"{src}: report must be a table")
-    for cell in _first_seed(spec.cells()):
+    for cell in _distinct_settings(spec.cells()):
         problem = directory_name_problem(cell.name)
         if problem:
             raise SpecError(
@@ -294,11 +294,14 @@ def check_spec(spec: SweepSpec) -> None:
         check_cell(cell, src)
 
 
-def _first_seed(cells: Iterable[Cell]) -> list[Cell]:
+def _distinct_settings(cells: Iterable[Cell]) -> list[Cell]:
+    """One cell per name and settings: the seeds of a cell differ only in ``--run-seed``,
+    unless a setting names ``{seed}``."""
     seen, out = set(), []
     for cell in cells:
-        if cell.name not in seen:
-            seen.add(cell.name)
+        key = (cell.name, repr(sorted(cell.flags.items())))
+        if key not in seen:
+            seen.add(key)
             out.append(cell)
     return out
 
