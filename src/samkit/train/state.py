@@ -89,7 +89,6 @@ class RunState:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "images_trained": self.images_trained,
-            "wall_seconds": self.wall_seconds_before,  # a checkpoint writes the live value
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -100,7 +99,8 @@ class RunState:
         self.train_seconds = float(state["train_seconds"])
         self.eval_seconds = float(state["eval_seconds"])
         self.images_trained = int(state["images_trained"])
-        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))  # older checkpoints: 0
+        # written by run.checkpoint_state (the live value); older checkpoints have none: 0
+        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
