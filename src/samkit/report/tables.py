@@ -115,6 +115,18 @@ def tables_text(report: dict[str, Any], fmt: Format = "markdown") -> str:
     return text
 
 
+def _holdout_lines(eval_splits: list[str]) -> list[str]:
+    """A warning above the table when runs were evaluated on the holdout, not the test set."""
+    if "holdout" not in eval_splits:
+        return []
+    which = "" if eval_splits == ["holdout"] else " for those runs"
+    return [
+        "**Evaluated on the holdout** (`use_test_set = false`): every test error below is a "
+        f"holdout error{which}.",
+        "",
+    ]
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: a title, what was read, both tables, the missing runs and the plots."""
     sweep, conf = report["sweep"], report["confidence"]
@@ -125,16 +137,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"mean over the completed seeds ± the half-width of the {conf * 100:g}% Student-t "
         "interval (mean alone for one seed); `n` counts completed runs (`k/m`: k of m seeds).",
         "",
+        *_holdout_lines(report.get("eval_splits", [])),
         cells_table(report),
     ]
-    if "holdout" in report.get("eval_splits", []):
-        lines[4:4] = [
-            "**Evaluated on the holdout** (`use_test_set = false`): every test error below is "
-            "a holdout error"
-            + ("" if report["eval_splits"] == ["holdout"] else " for those runs")
-            + ".",
-            "",
-        ]
     if report["baseline"] is not None:
         lines += [
             f"## Paired differences vs baseline `{report['baseline']}`",
