@@ -174,6 +174,51 @@ def test_parameters_and_gradients_are_views_of_the_buffers():
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+def test_the_restore_exchanges_memory_and_is_exact():
+    """Restoring w swaps the buffer's memory with the backup's instead of copying: the same bits,
+    seen through every view of the parameters; the optimizer still finds its parameters."""
+    model = mlp()
+    opt = SAM(model.parameters(), SGD, lr=0.1, momentum=0.9, flat=True)
+    (proxy,) = opt.param_groups[0]["params"]
+    row = model[0].weight[0]  # a view taken before: it follows the parameter
+    for x, y in batches(3):
+        clean = [p.detach().clone() for p in model.parameters()]
+        home = proxy.data_ptr()
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        assert not torch.equal(model[0].weight, clean[0])  # at w + e
+        F.cross_entropy(model(x), y).backward()
+        opt.unperturb()
+        assert proxy.data_ptr() != home  # exchanged, not copied
+        assert all(torch.equal(p, c) for p, c in zip(model.parameters(), clean))
+        assert torch.equal(row, clean[0][0])
+        storage = proxy.untyped_storage().data_ptr()
+        assert all(p.untyped_storage().data_ptr() == storage for p in model.parameters())
+        opt.second_step(zero_grad=True)
+    model.float()  # moved after an odd number of exchanges: still refused
+    with pytest.raises(RuntimeError, match="model.to"):
+        train(model, opt, [(x.float(), y) for x, y in batches(1)])
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_graph_saved_at_other_weights_is_refused(flat):
+    """As per tensor, a backward through a graph saved before the weights moved raises (with
+    flat=True the writes go to the buffers, so the parameters' versions are bumped for them)."""
+    model = mlp()
+    opt = SAM(model.parameters(), SGD, lr=0.1, flat=flat)
+    x, y = batches(1)[0]
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(retain_graph=True)
+    loss = F.cross_entropy(model(x), y)  # at w + e
+    loss.backward(retain_graph=True)
+    opt.second_step()  # the restore and the base step
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_gradients_made_outside_the_buffers_are_moved_in():
     """model.zero_grad() frees the gradients: the next backward makes new ones, which the
     post-accumulate hook copies into the buffer before anything reads the proxies (here a

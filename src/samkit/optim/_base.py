@@ -4,7 +4,6 @@ weights, the guarded base step, and checkpoints. The ascent itself lives in ``sa
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any, TypeVar
@@ -151,7 +150,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._keys: tuple[dict[Tensor, Any], dict[Any, torch.device]] | None = None
         self._skipped_steps = 0
         self._last_grad_norm: Tensor | None = None
-        self._store = FlatStore()  # the clean weights while perturbed (w + e)
+        self._store = FlatStore(swap=flat)  # the clean weights while perturbed (w + e)
         self._plans: dict[tuple[int, ...], StepPlan] = {}
         self._clean: dict[
             Tensor, Tensor
@@ -274,6 +273,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def _save_clean(self, plan: StepPlan, foreach: bool) -> None:
         generation = self._store.generation
         plan.save(foreach)
+        self._weights_written()  # the perturbation follows
         if self._store.generation != generation:  # the backup buffers were reallocated:
             # other plans' views point into the old ones; let them go (they will re-read theirs)
             self._plans = {k: v for k, v in self._plans.items() if v is plan}
@@ -284,7 +284,14 @@ class SharpnessAwareOptimizer(Optimizer):
         """Restore, in place, exactly the tensors that were perturbed (no-op when none)."""
         plan, self._perturbed = self._perturbed, None
         if plan is not None and plan.params:
-            plan.restore(self._plan_foreach(plan))
+            plan.restore(self._plan_foreach(plan), final=True)
+            self._weights_written()
+
+    def _weights_written(self) -> None:
+        """``flat=True``: bump the model parameters' versions, which writes to the buffers leave
+        alone, so that autograd refuses a graph saved before them as it does per tensor."""
+        if self._flat is not None:
+            self._flat.bump_versions()
 
     # -- hooks of the SAM family (see samkit.optim.sam): each variant overrides one or two ------
 
@@ -406,6 +413,7 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             self.skipped_steps += 1
         self._after_step(took)
+        self._weights_written()
         if self.ascent_policy is not None:
             self.ascent_policy.step_done(took)
         self._ascent_skipped, self._decision = False, None
@@ -516,29 +524,6 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _proxies(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
-
-
-def check_sam_arguments(
-    rho: float, norm: float, adaptive_eta: float, eps: float, ascent_steps: int
-) -> None:
-    """ValueError naming the first of SAM's arguments out of its domain."""
-    if not (math.isfinite(rho) and rho >= 0.0):
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    if float(norm) not in (2.0, math.inf):
-        raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
-    if not adaptive_eta >= 0.0:
-        raise ValueError(f"adaptive_eta must be >= 0, got {adaptive_eta!r}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
-        raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
-
-
-def check_perturb_option(param_groups: list[dict[str, Any]]) -> None:
-    """ValueError unless every group's ``perturb`` (SAM-ON's choice) is a bool."""
-    for group in param_groups:
-        if not isinstance(group["perturb"], bool):
-            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
 
 
 def _refuse_sparse(params: list[Tensor]) -> None:

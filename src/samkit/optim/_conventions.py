@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -180,3 +181,26 @@ def back_off_scale(scaler: Any) -> None:
     """Lower the scale of an enabled ``GradScaler`` by its backoff factor (an overflow)."""
     if scaler is not None and scaler.is_enabled():
         scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+
+
+def check_sam_arguments(
+    rho: float, norm: float, adaptive_eta: float, eps: float, ascent_steps: int
+) -> None:
+    """ValueError naming the first of SAM's arguments out of its domain."""
+    if not (math.isfinite(rho) and rho >= 0.0):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    if float(norm) not in (2.0, math.inf):
+        raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
+    if not adaptive_eta >= 0.0:
+        raise ValueError(f"adaptive_eta must be >= 0, got {adaptive_eta!r}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
+        raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
+
+
+def check_perturb_option(param_groups: list[dict[str, Any]]) -> None:
+    """ValueError unless every group's ``perturb`` (SAM-ON's choice) is a bool."""
+    for group in param_groups:
+        if not isinstance(group["perturb"], bool):
+            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")

@@ -43,7 +43,10 @@ class FlatStore:
     steps (``generation`` counts it, so plans know their views are stale).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, swap: bool = False) -> None:
+        # swap: members own whole storages no one else aliases (flat=True's buffers), so a
+        # restore may exchange storages instead of copying (StepPlan.restore)
+        self.swap = swap and hasattr(torch.UntypedStorage, "_swap_data_ptr_")
         self._meta: dict[Tensor, tuple[Any, ...]] = {}  # member -> its shard's layout
         self._views: dict[Tensor, Tensor] = {}
         self._spans: dict[tuple[torch.device, torch.dtype], tuple[Tensor, list[Tensor]]] = {}
@@ -143,6 +146,7 @@ class StepPlan:
         self._backups: list[Tensor] | None = None
         self._generation = -1
         self._flat: list[tuple[Tensor, Tensor]] | None = None
+        self._swap = False  # restore() may exchange whole storages (see restore)
 
     def valid(self) -> bool:
         """Still describes the parameters (none re-pointed to other storage or another dtype,
@@ -188,6 +192,15 @@ class StepPlan:
             self._backups = self._store.views(self.params, self.shards())
             self._generation = self._store.generation
             self._flat = self._flat_pairs() if self.fast else None
+            self._swap = (
+                self._store.swap
+                and self._flat is not None
+                and all(
+                    span.untyped_storage().nbytes() == buffer.untyped_storage().nbytes()
+                    and span.storage_offset() == 0 == buffer.storage_offset()
+                    for buffer, span in self._flat
+                )
+            )
         return self._backups
 
     def save(self, foreach: bool) -> None:
@@ -199,10 +212,20 @@ class StepPlan:
         else:
             F.copy_(backups, self.shards(), foreach=foreach)
 
-    def restore(self, foreach: bool) -> None:
-        """Copy the saved weights back, in place: bit for bit what :meth:`save` copied."""
+    def restore(self, foreach: bool, *, final: bool = False) -> None:
+        """Copy the saved weights back, in place: bit for bit what :meth:`save` copied.
+
+        ``final`` (the backup is not read again before the next :meth:`save`): where each
+        parameter storage is whole and one of the store's, the two storages exchange their
+        memory instead (every view follows; no copy, the same bits), the way torch's CUDA-graph
+        trees swap storages; the versions are bumped as a copy would."""
         backups = self.backups()
-        if self._flat is not None:
+        if final and self._swap:
+            for buffer, span in self._flat:  # type: ignore[union-attr]
+                span.untyped_storage()._swap_data_ptr_(buffer.untyped_storage())
+                torch.autograd.graph.increment_version(span)
+            self._ptrs = list(map(Tensor.data_ptr, self.params))  # still valid()
+        elif self._flat is not None:
             for buffer, span in self._flat:
                 span.copy_(buffer)
         else:

@@ -80,7 +80,9 @@ class _Buffer:
             slot.copy_(p.detach())
             p.data = slot  # the same Parameter object, its storage now in the buffer
         self.proxy = nn.Parameter(weights)
-        self._weight_ptrs = list(map(Tensor.data_ptr, members))
+        # where each member's data starts, by where the buffer's does: a restore may exchange
+        # the buffer's memory with the backup's (_flat.StepPlan.restore), which moves them all
+        self._weight_ptrs = {self.proxy.data_ptr(): list(map(Tensor.data_ptr, members))}
         self.bind(torch.zeros_like(weights))
 
     def slots(self, buffer: Tensor) -> list[Tensor]:
@@ -104,7 +106,7 @@ class _Buffer:
 
     def check(self) -> None:
         """RuntimeError if a member left its weight slot or stopped requiring gradients."""
-        if list(map(Tensor.data_ptr, self.members)) != self._weight_ptrs:
+        if list(map(Tensor.data_ptr, self.members)) != self._expected_ptrs():
             raise RuntimeError(
                 "flat=True: a parameter no longer lives in the optimizer's flat buffer (moved by "
                 "model.to(...), load_state_dict(assign=True) or an assignment to p.data after the "
@@ -117,12 +119,23 @@ class _Buffer:
                 "optimizer over the trainable parameters only"
             )
 
-    @torch.no_grad()
+    def _expected_ptrs(self) -> list[int]:
+        base = self.proxy.data_ptr()
+        if base not in self._weight_ptrs:
+            first = next(iter(self._weight_ptrs))  # the buffer's first home
+            shift = base - first
+            self._weight_ptrs = {first: self._weight_ptrs[first]}  # two homes at most
+            self._weight_ptrs[base] = [ptr + shift for ptr in self._weight_ptrs[first]]
+        return self._weight_ptrs[base]
+
     def sync(self) -> None:
         """Put every member's current gradient in its slot (see the module docstring)."""
         self.check()
-        if self.bound():
-            return
+        if not self.bound():  # rare: no autograd context for the common case
+            with torch.no_grad():
+                self._rebind()
+
+    def _rebind(self) -> None:
         if self.proxy.grad is not self.grads:
             # set to None by code walking the param groups: whether a backward has added to
             # the model's gradients since cannot be known, so refuse rather than guess
@@ -171,9 +184,10 @@ class _Buffer:
             self.sync()
 
     def zero_grad(self) -> None:
-        if self.bound():
+        if self.bound():  # only this buffer is written: nothing to check (sync() checks)
             self.proxy.grad.zero_()
         else:  # never write into a gradient tensor something else may still hold
+            self.check()  # nor take the gradients of a parameter that has left (a stale optimizer)
             self.bind(torch.zeros_like(self.proxy))
 
 
@@ -214,6 +228,11 @@ class FlatParams:
         group["params"] = proxies
         self.group_members.append(members)
 
+    def bump_versions(self) -> None:
+        """Count a write to the buffers as one to every member (their version counters are
+        their own, not the buffers'), as an in-place update of each would."""
+        torch.autograd.graph.increment_version(self.parameters())
+
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the user gave, in order (not the proxies)."""
         return [p for members in self.group_members for p in members]
@@ -224,7 +243,6 @@ class FlatParams:
 
     def zero_grad(self) -> None:
         for buffer in self.buffers.values():
-            buffer.check()
             buffer.zero_grad()
 
     def _slot_of(self) -> dict[Tensor, tuple[_Buffer, int]]:

@@ -29,6 +29,8 @@ def global_norm(
             norms.extend(torch._foreach_norm(group, 2, dtype=dtype))
         else:
             norms.extend(torch.linalg.vector_norm(t, 2, dtype=dtype) for t in group)
+    if len(norms) == 1:  # one tensor (e.g. a flat=True buffer): its norm, not sqrt(norm ** 2)
+        return norms[0]
     device = norms[0].device
     dtype = max((n.dtype for n in norms), key=lambda d: torch.finfo(d).bits)
     return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), 2)
@@ -44,7 +46,7 @@ def uniform_norm(
         norms = torch._foreach_norm(tensors, 2, dtype=dtype)
     else:
         norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms), 2)
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), 2)
 
 
 def mul(tensors: list[Tensor], others: list[Tensor], *, foreach: bool) -> list[Tensor]:

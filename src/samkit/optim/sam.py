@@ -34,8 +34,6 @@ from samkit.optim._base import (
     ParamsT,
     SharpnessAwareOptimizer,
     _refuse_sparse,
-    check_perturb_option,
-    check_sam_arguments,
     on_owner,
 )
 from samkit.optim._conventions import back_off_scale, inverse_scale
@@ -80,11 +78,11 @@ class SAM(SharpnessAwareOptimizer):
         flat: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        check_sam_arguments(rho, norm, adaptive_eta, eps, ascent_steps)
+        _conventions.check_sam_arguments(rho, norm, adaptive_eta, eps, ascent_steps)
         self.norm, self.eps, self.ascent_steps = float(norm), eps, ascent_steps
         defaults = dict(rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta, perturb=True)
         super().__init__(params, base_optimizer, defaults, foreach, base_kwargs, shard_group, flat)
-        check_perturb_option(self.param_groups)
+        _conventions.check_perturb_option(self.param_groups)
         self._ascent_y: list[list[Tensor]] = []
 
     @on_owner
@@ -174,6 +172,7 @@ class SAM(SharpnessAwareOptimizer):
             coef, base = 1.0, self._ascent_y
             F.project_to_unit_ball_([y for ys in base for y in ys], self.norm, plan.norm, fe)
             plan.restore(fe)
+            self._weights_written()
         for (group, _), span, t, us in zip(plan.groups, plan.spans, scalings, base):
             rho = self._group_rho(group) * rho_factor * coef
             if t is None:
@@ -193,7 +192,6 @@ class SAM(SharpnessAwareOptimizer):
         scaled loss the closure backpropagates (call ``scaler.update()`` afterwards)."""
         return _conventions.two_pass_step(self, closure, scaler)
 
-    @torch.no_grad()
-    def unperturb(self) -> None:
+    def unperturb(self) -> None:  # no_grad: the restore in super() is
         super().unperturb()
         self._ascent_y = []
