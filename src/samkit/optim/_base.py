@@ -282,10 +282,16 @@ class SharpnessAwareOptimizer(Optimizer):
     @torch.no_grad()
     def unperturb(self) -> None:
         """Restore, in place, exactly the tensors that were perturbed (no-op when none)."""
+        if self._restore():
+            self._weights_written()
+
+    def _restore(self) -> bool:
+        """:meth:`unperturb` without the version bump; True if something was restored."""
         plan, self._perturbed = self._perturbed, None
         if plan is not None and plan.params:
             plan.restore(self._plan_foreach(plan), final=True)
-            self._weights_written()
+            return True
+        return False
 
     def _weights_written(self) -> None:
         """``flat=True``: bump the model parameters' versions, which writes to the buffers leave
@@ -384,7 +390,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 f"{type(self).__name__}.second_step() without first_step(): call first_step() "
                 "after the first pass's backward (or use step(closure))"
             )
-        self.unperturb()
+        self._restore()  # the versions are bumped once, after the base step
         self._awaiting_second_step = False
         plan = self._plan()
         _refuse_sparse(plan.params)

@@ -192,6 +192,6 @@ class SAM(SharpnessAwareOptimizer):
         scaled loss the closure backpropagates (call ``scaler.update()`` afterwards)."""
         return _conventions.two_pass_step(self, closure, scaler)
 
-    def unperturb(self) -> None:  # no_grad: the restore in super() is
-        super().unperturb()
+    def _restore(self) -> bool:
         self._ascent_y = []
+        return super()._restore()
