@@ -231,7 +231,8 @@ class FlatParams:
     def bump_versions(self) -> None:
         """Count a write to the buffers as one to every member (their version counters are
         their own, not the buffers'), as an in-place update of each would."""
-        torch.autograd.graph.increment_version(self.parameters())
+        for buffer in self.buffers.values():
+            torch.autograd.graph.increment_version(buffer.members)
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the user gave, in order (not the proxies)."""
