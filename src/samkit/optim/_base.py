@@ -213,6 +213,12 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             self._flat.zero_grad()
 
+    def _zero_grad_synced(self) -> None:
+        """``zero_grad()`` at the end of a call whose ``_plan()`` synced the gradients."""
+        if self._flat is None:
+            return self.zero_grad()
+        self._flat.zero_grad(synced=True)
+
     @on_owner
     def sync_gradients(self) -> None:
         """``flat=True``: move gradients that are not in the flat buffers (assigned to ``p.grad``
@@ -424,7 +430,7 @@ class SharpnessAwareOptimizer(Optimizer):
             self.ascent_policy.step_done(took)
         self._ascent_skipped, self._decision = False, None
         if zero_grad:
-            self.zero_grad()
+            self._zero_grad_synced()
         return took
 
     @on_owner

@@ -242,9 +242,14 @@ class FlatParams:
         for buffer in self.buffers.values():
             buffer.sync()
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, *, synced: bool = False) -> None:
+        """``synced``: a :meth:`sync` in the same optimizer call found the members' gradients
+        bound, and no code of the user's has run since: only the proxies' are checked."""
         for buffer in self.buffers.values():
-            buffer.zero_grad()
+            if synced and buffer.proxy.grad is buffer.grads:
+                buffer.grads.zero_()
+            else:
+                buffer.zero_grad()
 
     def _slot_of(self) -> dict[Tensor, tuple[_Buffer, int]]:
         return {p: (b, i) for b in self.buffers.values() for i, p in enumerate(b.members)}

@@ -108,7 +108,7 @@ class SAM(SharpnessAwareOptimizer):
         if not ok and back_off:
             back_off_scale(scaler)
         if zero_grad:
-            self.zero_grad()
+            self._zero_grad_synced()
         return ok
 
     @on_owner
