@@ -492,3 +492,23 @@ def test_a_proxy_gradient_set_to_none_elsewhere_is_refused():
     opt.zero_grad()  # zeroing is always fine: the buffers are bound again
     F.cross_entropy(model(x), y).backward()
     assert opt.first_step()
+
+
+def test_the_base_optimizer_takes_the_one_tensor_path_unless_told():
+    """On the buffers the base optimizer runs with foreach=False (one tensor: nothing to batch;
+    SAM's own foreach argument is SAM's); a subclass whose __init__ takes none is built as given."""
+    model = mlp()
+    assert (
+        SAM(model.parameters(), SGD, lr=0.1, flat=True).base_optimizer.defaults["foreach"] is False
+    )
+    model = mlp()
+    assert SAM(model.parameters(), SGD, lr=0.1).base_optimizer.defaults["foreach"] is None
+
+    class PlainSGD(SGD):
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr, momentum=0.9)
+
+    model = mlp()
+    opt = SAM(model.parameters(), PlainSGD, lr=0.1, flat=True)
+    train(model, opt, batches(1))
+    assert opt.base_optimizer.defaults["foreach"] is None

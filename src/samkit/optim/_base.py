@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from samkit.optim import _conventions, numerics
 from samkit.optim import _functional as F
 from samkit.optim._flat import FlatStore, StepPlan
-from samkit.optim._flat_params import FlatParams, check_flat
+from samkit.optim._flat_params import FlatParams, check_flat, flat_base_kwargs
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _grad_is_sparse = attrgetter("grad.is_sparse")
@@ -97,6 +97,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._flat = FlatParams() if flat else None  # flat=True: see samkit.optim._flat_params
         if flat:
             check_flat(base_optimizer, shard_group)
+            base_kwargs = flat_base_kwargs(base_optimizer, base_kwargs)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(

@@ -29,6 +29,7 @@ per-tensor rule (LAMB, LARS, Adafactor) would see one tensor instead of many.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import weakref
 from operator import attrgetter
@@ -355,6 +356,15 @@ def check_flat(base_optimizer: Any, shard_group: Any) -> None:
         )
     if shard_group not in (None, False):
         raise ValueError("flat=True is not for sharded parameters (shard_group, FSDP)")
+
+
+def flat_base_kwargs(base_optimizer: type, base_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The base optimizer's arguments on the buffers: ``foreach=False`` unless given, where it
+    takes one (a tensor per buffer: nothing to batch, and torch's choice of a path at every
+    step costs more than the step's arithmetic on a small model)."""
+    if "foreach" in inspect.signature(base_optimizer.__init__).parameters:
+        return {"foreach": False, **base_kwargs}
+    return base_kwargs
 
 
 def _hook(buffer: _Buffer, index: int) -> Any:
