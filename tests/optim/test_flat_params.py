@@ -200,6 +200,26 @@ def test_the_restore_exchanges_memory_and_is_exact():
         train(model, opt, [(x.float(), y) for x, y in batches(1)])
 
 
+def test_each_group_buffer_is_exchanged_with_its_own_backup():
+    """Weight decay on the matrices, none on the biases: two buffers, each restored by an
+    exchange with a backup of its own, exactly."""
+    model = mlp()
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 1e-2}, {"params": rest}]
+    opt = SAM(groups, SGD, lr=0.1, momentum=0.9, flat=True)
+    proxies = [g["params"][0] for g in opt.param_groups]
+    x, y = batches(1)[0]
+    clean = [p.detach().clone() for p in model.parameters()]
+    homes = [p.data_ptr() for p in proxies]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.unperturb()
+    assert all(p.data_ptr() != home for p, home in zip(proxies, homes))
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), clean))
+
+
 @pytest.mark.parametrize("flat", [False, True])
 def test_a_graph_saved_at_other_weights_is_refused(flat):
     """As per tensor, a backward through a graph saved before the weights moved raises (with

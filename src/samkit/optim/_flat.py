@@ -13,7 +13,9 @@ caches once it was gone). So:
 * :class:`FlatStore`: the clean-weight backup as one contiguous buffer per (device, dtype) with a
   view per parameter, as fused optimizers and apex keep their state. When the parameters
   themselves lie back to back in one storage (e.g. flattened by the user), backup and restore are
-  one copy each instead of one per tensor.
+  one copy each instead of one per tensor. For ``flat=True``'s buffers (``swap``) each has a
+  backup storage of its own, and the final restore exchanges the two storages' memory instead of
+  copying (:meth:`StepPlan.restore`).
 
 Gradients are not flattened: autograd allocates each ``.grad`` (and ``zero_grad`` frees it), so a
 flat gradient buffer would cost a copy per step; the gradient work stays one multi-tensor
@@ -44,12 +46,12 @@ class FlatStore:
     """
 
     def __init__(self, *, swap: bool = False) -> None:
-        # swap: members own whole storages no one else aliases (flat=True's buffers), so a
-        # restore may exchange storages instead of copying (StepPlan.restore)
+        # swap: members are whole storages (flat=True's buffers), each backed up in a storage
+        # of its own, so that a restore may exchange the two instead of copying
         self.swap = swap and hasattr(torch.UntypedStorage, "_swap_data_ptr_")
         self._meta: dict[Tensor, tuple[Any, ...]] = {}  # member -> its shard's layout
         self._views: dict[Tensor, Tensor] = {}
-        self._spans: dict[tuple[torch.device, torch.dtype], tuple[Tensor, list[Tensor]]] = {}
+        self._spans: dict[tuple[Any, ...], tuple[Tensor, list[Tensor]]] = {}
         self.generation = 0
 
     def views(self, params: list[Tensor], shards: list[Tensor]) -> list[Tensor]:
@@ -78,11 +80,15 @@ class FlatStore:
         return sum(flat.numel() for flat, _ in self._spans.values())
 
     def _allocate(self) -> None:
-        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        by_key: dict[tuple[Any, ...], list[Tensor]] = {}
         for p, (device, dtype, _, _) in self._meta.items():
-            by_key.setdefault((device, dtype), []).append(p)
+            # swap: a storage per member, to exchange with the member's (StepPlan.exchange)
+            by_key.setdefault((device, dtype, id(p)) if self.swap else (device, dtype), []).append(
+                p
+            )
         self._views, self._spans = {}, {}
-        for (device, dtype), members in by_key.items():
+        for key, members in by_key.items():
+            device, dtype = key[0], key[1]
             sizes = [_span(self._meta[p][2], self._meta[p][3]) for p in members]
             flat = torch.empty(sum(sizes), device=device, dtype=dtype)
             offset = 0
@@ -92,8 +98,14 @@ class FlatStore:
                 # in and out are plain elementwise copies
                 self._views[p] = flat.as_strided(shape, stride, offset)
                 offset += size
-            self._spans[(device, dtype)] = (flat, members)
+            self._spans[key] = (flat, members)
         self.generation += 1
+
+
+def _whole(t: Tensor) -> bool:
+    """``t`` is its storage, all of it, in order (the storage holds nothing else)."""
+    nbytes = t.numel() * t.element_size()
+    return t.storage_offset() == 0 and t.is_contiguous() and t.untyped_storage().nbytes() == nbytes
 
 
 def _span(shape: torch.Size, stride: tuple[int, ...]) -> int:
@@ -192,15 +204,7 @@ class StepPlan:
             self._backups = self._store.views(self.params, self.shards())
             self._generation = self._store.generation
             self._flat = self._flat_pairs() if self.fast else None
-            self._swap = (
-                self._store.swap
-                and self._flat is not None
-                and all(
-                    span.untyped_storage().nbytes() == buffer.untyped_storage().nbytes()
-                    and span.storage_offset() == 0 == buffer.storage_offset()
-                    for buffer, span in self._flat
-                )
-            )
+            self._swap = self._store.swap and self._flat is not None
         return self._backups
 
     def save(self, foreach: bool) -> None:
@@ -237,6 +241,9 @@ class StepPlan:
         the buffer's order, so that one copy moves them all; else None (a copy per tensor)."""
         if self.dtensor or not self.params:
             return None
+        if self._store.swap:  # a storage per parameter (flat=True's buffers): pairs of whole ones
+            pairs = [(self._store.slot(p), p.detach()) for p in self.params]
+            return pairs if all(_whole(t) for pair in pairs for t in pair) else None
         pairs, covered = [], 0
         for key in dict.fromkeys((p.device, p.dtype) for p in self.params):
             buffer, members = self._store.span(key)
