@@ -217,8 +217,9 @@ class SharpnessAwareOptimizer(Optimizer):
     def _zero_grad_synced(self) -> None:
         """``zero_grad()`` at the end of a call whose ``_plan()`` synced the gradients."""
         if self._flat is None:
-            return self.zero_grad()
-        self._flat.zero_grad(synced=True)
+            self.zero_grad()
+        else:
+            self._flat.zero_grad(synced=True)
 
     @on_owner
     def sync_gradients(self) -> None:

@@ -82,10 +82,9 @@ class FlatStore:
     def _allocate(self) -> None:
         by_key: dict[tuple[Any, ...], list[Tensor]] = {}
         for p, (device, dtype, _, _) in self._meta.items():
-            # swap: a storage per member, to exchange with the member's (StepPlan.exchange)
-            by_key.setdefault((device, dtype, id(p)) if self.swap else (device, dtype), []).append(
-                p
-            )
+            # swap: a storage per member, to exchange with the member's (StepPlan.restore)
+            key = (device, dtype, id(p)) if self.swap else (device, dtype)
+            by_key.setdefault(key, []).append(p)
         self._views, self._spans = {}, {}
         for key, members in by_key.items():
             device, dtype = key[0], key[1]
