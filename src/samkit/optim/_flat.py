@@ -157,7 +157,6 @@ class StepPlan:
         self._backups: list[Tensor] | None = None
         self._generation = -1
         self._flat: list[tuple[Tensor, Tensor]] | None = None
-        self._swap = False  # restore() may exchange whole storages (see restore)
 
     def valid(self) -> bool:
         """Still describes the parameters (none re-pointed to other storage or another dtype,
@@ -203,7 +202,6 @@ class StepPlan:
             self._backups = self._store.views(self.params, self.shards())
             self._generation = self._store.generation
             self._flat = self._flat_pairs() if self.fast else None
-            self._swap = self._store.swap and self._flat is not None
         return self._backups
 
     def save(self, foreach: bool) -> None:
@@ -223,8 +221,8 @@ class StepPlan:
         memory instead (every view follows; no copy, the same bits), the way torch's CUDA-graph
         trees swap storages; the versions are bumped as a copy would."""
         backups = self.backups()
-        if final and self._swap:
-            for buffer, span in self._flat:  # type: ignore[union-attr]
+        if final and self._store.swap and self._flat is not None:
+            for buffer, span in self._flat:
                 span.untyped_storage()._swap_data_ptr_(buffer.untyped_storage())
                 torch.autograd.graph.increment_version(span)
             self._ptrs = list(map(Tensor.data_ptr, self.params))  # still valid()

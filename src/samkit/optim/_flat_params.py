@@ -184,9 +184,11 @@ class _Buffer:
         if grad is not None and grad is not self.grad_slots[index]:
             self.sync()
 
-    def zero_grad(self) -> None:
-        if self.bound():  # only this buffer is written: nothing to check (sync() checks)
-            self.proxy.grad.zero_()
+    def zero_grad(self, synced: bool = False) -> None:
+        """``synced``: see :meth:`FlatParams.zero_grad` (only the proxy's gradient is checked)."""
+        bound = self.proxy.grad is self.grads if synced else self.bound()
+        if bound:  # only this buffer is written: nothing to check (sync() checks)
+            self.grads.zero_()
         else:  # never write into a gradient tensor something else may still hold
             self.check()  # nor take the gradients of a parameter that has left (a stale optimizer)
             self.bind(torch.zeros_like(self.proxy))
@@ -247,10 +249,7 @@ class FlatParams:
         """``synced``: a :meth:`sync` in the same optimizer call found the members' gradients
         bound, and no code of the user's has run since: only the proxies' are checked."""
         for buffer in self.buffers.values():
-            if synced and buffer.proxy.grad is buffer.grads:
-                buffer.grads.zero_()
-            else:
-                buffer.zero_grad()
+            buffer.zero_grad(synced)
 
     def _slot_of(self) -> dict[Tensor, tuple[_Buffer, int]]:
         return {p: (b, i) for b in self.buffers.values() for i, p in enumerate(b.members)}

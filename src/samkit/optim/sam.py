@@ -93,8 +93,7 @@ class SAM(SharpnessAwareOptimizer):
         """Move to ``w + e`` from the gradients of the first pass. False if they are non-finite.
         ``scaler``: fp16's ``GradScaler`` whose scaled loss made them: unscaled first; an overflow
         backs its scale off at once (``back_off``): ``scaler.step`` sees only the second pass."""
-        if self._restore():  # a repeated first_step starts from the clean weights, not w + e
-            self._weights_written()
+        self.unperturb()  # a repeated first_step starts from the clean weights, never from w + e
         self._failed_pass, self._awaiting_second_step = None, True
         self._ascent_skipped = False
         plan = self._plan()  # the parameters with a gradient, per group
